@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make train   creates .venv, installs pinned dependencies, runs the default KD-QAT job
+#   make test    creates .venv, installs pinned dependencies (plus test-only ones), runs the tests
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: train test test-fast bench clean-venv
+
+$(STAMP): requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) tools/train_kd_qat.py $(ARGS)
+
+# The whole suite, slow end-to-end tests included; CI runs exactly this.
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+# Unit tests only (skips @pytest.mark.slow), for a quick loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) tools/benchmark.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
