@@ -1,0 +1,105 @@
+"""Safe checkpoint loading for our checkpoints and OpenPoints' (`{'model': state_dict, ...}`).
+
+Loading always uses `torch.load(weights_only=True)`: a file that would need to unpickle
+arbitrary objects (and could run code doing so) is refused, never executed.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint"]
+
+_LISTED = 5  # how many offending keys one error message names
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says which and why."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads a checkpoint file with `weights_only=True`, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file; check the path (teacher.ckpt / pretrained)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: refused, it holds objects that safe loading (weights_only=True) will not "
+            f"unpickle ({first_line}); re-save it as a plain state dict"
+        ) from None
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(err).__name__}: {err}); re-download or re-save it") from None
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
+    return dict(ckpt)
+
+
+def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint: its 'model' or 'state_dict' entry, or the dict itself.
+
+    Strips the `module.` prefix DataParallel/DDP training adds (OpenPoints saves it that way).
+    """
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt.get(key), Mapping):
+            ckpt = ckpt[key]
+            break
+    state = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError("checkpoint holds no tensors under 'model', 'state_dict' or at top level")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _listing(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
+    return ", ".join(keys[:_LISTED]) + more
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, Any]:
+    """Loads weights from `path` into `model`.
+
+    Args:
+        model: Target model.
+        path: Our checkpoint, an OpenPoints checkpoint, or a raw state dict file.
+        strict: If True, any missing or unexpected key or shape mismatch is one `CheckpointError`
+            naming them. If False, loads the keys whose names and shapes match and reports the rest.
+
+    Returns:
+        The checkpoint's other entries (epoch, cfg, ...) plus 'skipped_keys' when not strict.
+    """
+    ckpt = read_checkpoint(path)
+    state = extract_state_dict(ckpt)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listing(mismatched)}")
+    if problems and strict:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model ({'; '.join(problems)}); check the model variant, "
+            "width, in_channels and num_classes, or load non-strictly"
+        )
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    extras = {k: v for k, v in ckpt.items() if k not in ("model", "state_dict")}
+    if not strict:
+        extras["skipped_keys"] = missing + unexpected + [m.split(" ")[0] for m in mismatched]
+    return extras
