@@ -12,8 +12,6 @@ convolution / BN / ReLU / add graph between them. Index tensors never leave a le
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -26,15 +24,14 @@ __all__ = [
     "default_features",
 ]
 
-# The CUDA FPS kernel keeps the running min-distance in a buffer filled with this value.
-_FPS_INIT_DISTANCE = 1e10
-# Ball query works on query chunks so the (B, M, N) distance matrix stays bounded in memory.
-_BALL_QUERY_MAX_ELEMENTS = 1 << 24
 
 
-def _cuda_fps_block_size(num_points: int) -> int:
-    """Threads per block the pointnet2 launcher picks: the largest power of two ≤ N, capped at 1024."""
-    return max(min(1 << int(math.log2(num_points)), 1024), 1)
+def _cuda_fps_block_log2(num_points: int) -> int:
+    """log2 of the threads per block the pointnet2 launcher picks: largest power of two ≤ N, ≤ 1024."""
+    bits = 0
+    while bits < 10 and (2 << bits) <= num_points:
+        bits += 1
+    return bits
 
 
 def _cuda_tie_order(num_points: int, device: torch.device) -> Tensor:
@@ -47,10 +44,9 @@ def _cuda_tie_order(num_points: int, device: torch.device) -> Tensor:
     Running FPS on the points reordered by that key lets `argmax` (first maximum) pick exactly the
     kernel's point, at no per-step cost.
     """
-    block = _cuda_fps_block_size(num_points)
-    bits = block.bit_length() - 1
+    bits = _cuda_fps_block_log2(num_points)
     k = torch.arange(num_points, device=device)
-    thread = k % block
+    thread = k % (1 << bits)
     reversed_thread = torch.zeros_like(thread)
     for bit in range(bits):
         reversed_thread |= ((thread >> bit) & 1) << (bits - 1 - bit)
@@ -79,7 +75,7 @@ def furthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
         raise ValueError(f"furthest_point_sample: npoint={npoint} must be in [1, {num_points}]")
     order = _cuda_tie_order(num_points, xyz.device)
     points = xyz.index_select(1, order)  # (B, N, 3) in tie-preference order; point 0 stays first
-    min_dist = points.new_full((batch, num_points), _FPS_INIT_DISTANCE)
+    min_dist = points.new_full((batch, num_points), 1e10)  # the kernel's initial `temp` buffer
     picked = torch.zeros(batch, npoint, dtype=torch.long, device=xyz.device)
     rows = torch.arange(batch, device=xyz.device)
     last = torch.zeros(batch, dtype=torch.long, device=xyz.device)
@@ -92,7 +88,9 @@ def furthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
     return order[picked]
 
 
-def ball_query(radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tensor) -> Tensor:
+def ball_query(
+    radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tensor, max_elements: int = 1 << 24
+) -> Tensor:
     """Ball query with the pointnet2 CUDA kernel's semantics.
 
     For each query, returns the first `nsample` support indices, in index order, whose squared
@@ -107,13 +105,15 @@ def ball_query(radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tens
         nsample: Neighbours per query.
         support_xyz: Points searched, (B, N, 3).
         query_xyz: Ball centres, (B, M, 3).
+        max_elements: Queries are processed in chunks so the (B, chunk, N) distance matrices
+            stay below this many elements (memory linear in N for large clouds).
 
     Returns:
         Indices into N, (B, M, nsample), int64.
     """
     batch, num_support, _ = support_xyz.shape
     num_query = query_xyz.shape[1]
-    chunk = max(1, _BALL_QUERY_MAX_ELEMENTS // max(1, batch * num_support))
+    chunk = max(1, max_elements // max(1, batch * num_support))
     parts = [
         _ball_query_chunk(radius, nsample, support_xyz, query_xyz[:, start : start + chunk])
         for start in range(0, num_query, chunk)
@@ -123,17 +123,19 @@ def ball_query(radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tens
 
 def _ball_query_chunk(radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tensor) -> Tensor:
     num_support = support_xyz.shape[1]
-    sq_dist = None
-    for axis in range(3):  # per axis, so no (B, M, N, 3) tensor is materialised
-        delta = query_xyz[:, :, None, axis] - support_xyz[:, None, :, axis]  # (B, M, N)
-        sq_dist = delta * delta if sq_dist is None else sq_dist + delta * delta
+    # Per axis, in the kernel's summation order, so no (B, M, N, 3) tensor is materialised.
+    delta = query_xyz[:, :, None, 0] - support_xyz[:, None, :, 0]  # (B, M, N)
+    sq_dist = delta * delta
+    for axis in range(1, 3):
+        delta = query_xyz[:, :, None, axis] - support_xyz[:, None, :, axis]
+        sq_dist = sq_dist + delta * delta
     inside = sq_dist < radius * radius
     # Replace indices outside the ball by N, then the k smallest are the first k inside, in order.
     candidates = torch.where(inside, torch.arange(num_support, device=inside.device), num_support)
     k = min(nsample, num_support)
     first = candidates.topk(k, dim=-1, largest=False, sorted=True).values  # (B, M, k)
     if k < nsample:
-        first = torch.cat([first, first.new_full((*first.shape[:2], nsample - k), num_support)], dim=-1)
+        first = torch.cat([first, first.new_full((first.shape[0], first.shape[1], nsample - k), num_support)], dim=-1)
     fill = first[..., :1]
     fill = torch.where(fill == num_support, torch.zeros_like(fill), fill)
     return torch.where(first == num_support, fill, first)

@@ -16,9 +16,7 @@ logits. Differences are in form only, for FX graph-mode quantization:
 Only the `dp_fj` aggregation (relative positions concatenated to neighbour features) used by
 every released PointNeXt config is implemented.
 """
-from __future__ import annotations
-
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -296,8 +294,11 @@ class PointNeXtCls(nn.Module):
         self.num_classes = num_classes
         self.in_channels = encoder_args.get("in_channels", 3)
 
-    def forward(self, xyz: Tensor, feats: Tensor | None = None) -> Tensor:
+    def forward(self, xyz: torch.Tensor, feats: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Classifies point clouds.
+
+        The signature uses `Optional[torch.Tensor]` on purpose: FX copies it into the generated
+        code of the quantized model, and TorchScript (the int8 artifact) must be able to read it.
 
         Args:
             xyz: Coordinates, (B, N, 3).

@@ -117,12 +117,11 @@ def test_ball_query_nsample_larger_than_support():
     assert got.tolist() == [[[0, 1, 2, 0, 0, 0, 0, 0]]]
 
 
-def test_ball_query_chunking_gives_identical_result(monkeypatch):
+def test_ball_query_chunking_gives_identical_result():
     torch.manual_seed(2)
     support, query = torch.rand(2, 64, 3), torch.rand(2, 40, 3)
     whole = ball_query(0.3, 16, support, query)
-    monkeypatch.setattr("models.neighbors._BALL_QUERY_MAX_ELEMENTS", 2 * 64 * 7)  # 7 queries per chunk
-    assert torch.equal(ball_query(0.3, 16, support, query), whole)
+    assert torch.equal(ball_query(0.3, 16, support, query, max_elements=2 * 64 * 7), whole)  # 7 queries a chunk
 
 
 def test_group_gather_picks_the_indexed_columns():
