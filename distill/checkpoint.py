@@ -1,0 +1,43 @@
+"""Atomic checkpoint writes and safe reads for training runs."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import read_checkpoint
+
+__all__ = ["atomic_torch_save", "load_training_checkpoint"]
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A process killed at any moment leaves either the previous complete file or the new complete
+    file, never a truncated one that a later `resume=true` would trust.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads one of our training checkpoints (weights_only=True) and checks its required entries."""
+    ckpt = read_checkpoint(path)
+    missing = [key for key in ("model", "epoch", "step", "optimizer") if key not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this project; "
+                         "start without resume=true")
+    return ckpt

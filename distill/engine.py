@@ -1,0 +1,280 @@
+"""The one training engine: an optional frozen teacher and a student, task + KD loss, epoch hooks.
+
+Every mode of the project is this loop with different parts plugged in:
+
+| mode     | teacher | student                   | hooks                         |
+|----------|---------|---------------------------|-------------------------------|
+| `fp32`   | none    | FP32 model                | none                          |
+| `qat`    | none    | FX-prepared model         | quantization schedule         |
+| `kd_qat` | FP32    | FX-prepared model         | quantization schedule         |
+
+The engine knows nothing of FX or of W&B: the quantization schedule arrives as an object with
+`on_epoch_start(model, epoch) -> dict`, logging as a callback, progress bars as an iterable
+wrapper. Randomness of epoch `e` is a function of `(seed, e)` alone (the RNGs and the loader's
+shuffle are re-seeded at each epoch start), so a run resumed from the checkpoint of epoch `e`
+continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from data import classification_metrics
+
+from .checkpoint import atomic_torch_save, load_training_checkpoint
+from .losses import DistillationLoss
+
+__all__ = ["EpochHook", "EngineConfig", "Engine", "NonFiniteLossError", "seed_everything", "predict"]
+
+
+class EpochHook(Protocol):
+    """Called at the start of every epoch (e.g. the quantization schedule); returns loggable state.
+
+    A hook may also offer `evaluating(model)`, a context manager the engine enters around every
+    evaluation (the quantization schedule uses it to keep observers from moving on validation data).
+    """
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last complete checkpoint is left untouched."""
+
+
+@dataclass
+class EngineConfig:
+    """Loop settings.
+
+    Args:
+        epochs: Epochs to train in total (a resumed run continues up to this number).
+        seed: Base seed; epoch `e` runs with seed `seed + e`.
+        tag: Suffix of validation metric names: 'fp32' → `val/oa_fp32`, 'fakequant' → `val/oa_fakequant`.
+        log_every: Log training losses every this many steps.
+        max_grad_norm: Clip the gradient norm to this value (None: no clipping).
+        nonfinite: 'stop' raises on a NaN/Inf loss; 'skip' drops the batch and counts it.
+        checkpoint_dir: Where `last.pt` is written after each epoch (None: no checkpoints).
+    """
+
+    epochs: int
+    seed: int = 0
+    tag: str = "fp32"
+    log_every: int = 10
+    max_grad_norm: float | None = None
+    nonfinite: str = "stop"
+    checkpoint_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs} must be >= 0")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite='{self.nonfinite}' must be 'stop' or 'skip'")
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    return (batch["xyz"].to(device, non_blocking=True), batch["feats"].to(device, non_blocking=True),
+            batch["label"].to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def predict(model: Callable[..., Tensor], loader: Iterable[dict[str, Tensor]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Top-1 predictions and labels of `model` over `loader` (the model's mode is the caller's)."""
+    preds, labels = [], []
+    for batch in loader:
+        xyz, feats, label = _to_device(batch, torch.device(device))
+        preds.append(model(xyz, feats).argmax(dim=1).cpu())
+        labels.append(label.cpu())
+    return torch.cat(preds), torch.cat(labels)
+
+
+class Engine:
+    """Trains `student` with `loss_fn` against an optional frozen `teacher`.
+
+    Args:
+        student: FP32 or FX-prepared model, optionally wrapped in DistributedDataParallel.
+        loss_fn: Task + KD loss.
+        optimizer: Optimizer over the student's parameters.
+        scheduler: timm scheduler stepped per update (`step_update`), or None.
+        train_loader: Yields dicts with 'xyz' (B,N,3), 'feats' (B,C,N), 'label' (B,).
+        config: Loop settings.
+        val_loader: Evaluated after every epoch when given.
+        teacher: Frozen FP32 model (`FrozenTeacher`), or None.
+        hooks: Epoch hooks, called in order at each epoch start.
+        num_classes: For mAcc.
+        device: Where training runs.
+        log_fn: `log_fn(metrics, step)`; the tool sends it to the console, a file or W&B.
+        progress: Wraps the batch iterable (e.g. tqdm); identity by default.
+        extra_state: Saved in every checkpoint (config, phase, ...).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss_fn: DistillationLoss,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        train_loader: Iterable[dict[str, Tensor]],
+        config: EngineConfig,
+        num_classes: int,
+        val_loader: Iterable[dict[str, Tensor]] | None = None,
+        teacher: nn.Module | None = None,
+        hooks: Sequence[EpochHook] = (),
+        device: torch.device | str = "cpu",
+        log_fn: Callable[[dict[str, float], int], None] | None = None,
+        progress: Callable[[Iterable, str], Iterable] | None = None,
+        extra_state: dict[str, Any] | None = None,
+    ) -> None:
+        self.student = student
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.teacher = teacher
+        self.hooks = list(hooks)
+        self.config = config
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.log_fn = log_fn or (lambda metrics, step: None)
+        self.progress = progress or (lambda iterable, desc: iterable)
+        self.extra_state = extra_state or {}
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer updates done
+        self.history: list[dict[str, float]] = []
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs; 'model' as OpenPoints names it, so both tools read it."""
+        return {
+            "model": _unwrap(self.student).state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy())},
+            "history": self.history,
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _unwrap(self.student).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state.get("history", []))
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.config.checkpoint_dir is None else Path(self.config.checkpoint_dir) / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Loads the last complete checkpoint if there is one; returns whether it did."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        self.load_state_dict(load_training_checkpoint(path))
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, float]]:
+        """Trains from the current epoch up to `config.epochs`; returns per-epoch metrics."""
+        while self.epoch < self.config.epochs:
+            metrics = self.train_one_epoch(self.epoch)
+            if self.val_loader is not None:
+                metrics.update(self.evaluate(self.val_loader, prefix="val"))
+            metrics["epoch"] = self.epoch
+            self.history.append(metrics)
+            self.log_fn(metrics, self.step)
+            self.epoch += 1
+            self.save_checkpoint()
+        return self.history
+
+    def _start_epoch(self, epoch: int) -> dict[str, float]:
+        seed_everything(self.config.seed + epoch)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(self.config.seed + epoch)
+        self.student.train()
+        state: dict[str, float] = {}
+        for hook in self.hooks:
+            state.update(hook.on_epoch_start(_unwrap(self.student), epoch))
+        return state
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        metrics = self._start_epoch(epoch)
+        sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
+        seen, skipped = 0, 0
+        for batch_idx, batch in enumerate(self.progress(self.train_loader, f"epoch {epoch}")):
+            xyz, feats, label = _to_device(batch, self.device)
+            teacher_logits = self.teacher(xyz, feats) if self.teacher is not None and self.loss_fn.alpha > 0 else None
+            out = self.loss_fn(self.student(xyz, feats), label, teacher_logits)
+            if not torch.isfinite(out["loss"]):
+                if self.config.nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({out['loss'].item()}) at epoch {epoch} step {batch_idx}; "
+                        f"the last complete checkpoint ({self.checkpoint_path}) is kept; lower the lr or "
+                        "set train.nonfinite=skip"
+                    )
+                skipped += 1
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if self.config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.step += 1
+            if self.scheduler is not None:
+                self.scheduler.step_update(self.step)
+            for key in sums:
+                sums[key] += out[key].item() * label.shape[0]
+            seen += label.shape[0]
+            if self.step % self.config.log_every == 0:
+                self.log_fn({f"train/{k}": out[k].item() for k in sums} | {"train/lr": self._lr()}, self.step)
+        metrics.update({f"train/{k}_epoch": v / max(seen, 1) for k, v in sums.items()})
+        metrics["train/skipped_steps"] = float(skipped)
+        metrics["train/lr"] = self._lr()
+        return metrics
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def evaluate(self, loader: Iterable[dict[str, Tensor]], prefix: str = "val") -> dict[str, float]:
+        """OA and mAcc (percent) of the student in eval mode, named `{prefix}/oa_{tag}`."""
+        model = _unwrap(self.student)
+        was_training = model.training
+        model.eval()
+        with contextlib.ExitStack() as stack:
+            for hook in self.hooks:
+                if hasattr(hook, "evaluating"):
+                    stack.enter_context(hook.evaluating(model))
+            preds, labels = predict(model, loader, self.device)
+        model.train(was_training)
+        result = classification_metrics(preds, labels, self.num_classes)
+        tag = self.config.tag
+        return {f"{prefix}/oa_{tag}": float(result["oa"]), f"{prefix}/macc_{tag}": float(result["macc"])}

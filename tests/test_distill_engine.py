@@ -1,0 +1,117 @@
+"""The engine on tiny in-memory data: modes, hooks, checkpoints, resume, non-finite losses."""
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distill import DistillationLoss, Engine, EngineConfig, FrozenTeacher, NonFiniteLossError
+from models import create_model
+
+
+class Blobs(Dataset):
+    """Two classes of clouds: a small and a large blob (learnable in a few steps)."""
+
+    def __init__(self, n=16, points=64, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.label = torch.arange(n) % 2
+        self.xyz = torch.randn(n, points, 3, generator=gen) * (0.2 + 0.6 * self.label[:, None, None])
+
+    def __len__(self):
+        return len(self.label)
+
+    def __getitem__(self, i):
+        xyz = self.xyz[i] + 0.01 * torch.randn(self.xyz[i].shape)  # augmentation draws from the global RNG
+        return {"xyz": xyz, "feats": xyz.t().contiguous(), "label": self.label[i]}
+
+
+def loader(shuffle=True):
+    return DataLoader(Blobs(), batch_size=4, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return create_model("pointnext-s", num_classes=2, width=8)
+
+
+def make_engine(model, tmp_path=None, epochs=2, teacher=None, alpha=0.0, hooks=(), nonfinite="stop", lr=1e-2):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    return Engine(model, DistillationLoss(alpha, 2.0, 0.0), optimizer, None, loader(),
+                  EngineConfig(epochs=epochs, seed=0, checkpoint_dir=tmp_path, nonfinite=nonfinite, log_every=1),
+                  num_classes=2, val_loader=loader(shuffle=False), teacher=teacher, hooks=hooks)
+
+
+def test_fp32_mode_trains_and_reports_validation_metrics():
+    engine = make_engine(tiny(), epochs=2)
+    history = engine.fit()
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert {"val/oa_fp32", "val/macc_fp32", "train/loss_epoch", "train/kd_loss_epoch"} <= history[-1].keys()
+    assert history[-1]["train/kd_loss_epoch"] == 0.0
+    assert engine.step == 2 * 4
+
+
+def test_kd_mode_uses_the_teacher_and_never_updates_it():
+    teacher = FrozenTeacher(tiny())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    engine = make_engine(tiny(), epochs=1, teacher=teacher, alpha=0.5)
+    history = engine.fit()
+    assert history[0]["train/kd_loss_epoch"] > 0.0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not teacher.training and not teacher.model.training
+
+
+def test_hooks_run_at_every_epoch_start_and_their_state_is_logged():
+    class Recorder:
+        def __init__(self):
+            self.epochs = []
+
+        def on_epoch_start(self, model, epoch):
+            self.epochs.append(epoch)
+            return {"hook/epoch": float(epoch)}
+
+    hook = Recorder()
+    history = make_engine(tiny(), epochs=3, hooks=(hook,)).fit()
+    assert hook.epochs == [0, 1, 2] and [h["hook/epoch"] for h in history] == [0.0, 1.0, 2.0]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = make_engine(tiny(), tmp_path / "full", epochs=3)
+    full.fit()
+    part = make_engine(tiny(), tmp_path / "part", epochs=1)
+    part.fit()  # "killed" after epoch 0; its last.pt holds epoch 1 as the next to run
+    resumed = make_engine(tiny(), tmp_path / "part", epochs=3)
+    assert resumed.resume() and resumed.epoch == 1
+    resumed.fit()
+    for key, value in full.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    assert full.history == resumed.history
+
+
+def test_checkpoint_is_written_atomically_each_epoch(tmp_path):
+    make_engine(tiny(), tmp_path, epochs=1).fit()
+    assert (tmp_path / "last.pt").is_file()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path):
+    engine = make_engine(tiny(), tmp_path, epochs=1)
+    engine.fit()
+    saved = (tmp_path / "last.pt").read_bytes()
+    engine.config.epochs = 2
+    engine.loss_fn = lambda *a: {"loss": torch.tensor(float("nan"), requires_grad=True),
+                                 "task_loss": torch.tensor(0.0), "kd_loss": torch.tensor(0.0)}
+    engine.loss_fn.alpha = 0.0
+    with pytest.raises(NonFiniteLossError, match="epoch 1 step 0"):
+        engine.fit()
+    assert (tmp_path / "last.pt").read_bytes() == saved
+
+
+def test_nonfinite_skip_counts_skipped_batches():
+    engine = make_engine(tiny(), epochs=1, nonfinite="skip")
+
+    class NaNLoss(DistillationLoss):
+        def forward(self, *args):
+            out = super().forward(*args)
+            out["loss"] = out["loss"] * float("nan")
+            return out
+
+    engine.loss_fn = NaNLoss(0.0, 2.0, 0.0)
+    assert engine.fit()[0]["train/skipped_steps"] == 4.0
