@@ -1,0 +1,114 @@
+"""`tools/train_kd_qat.py` end to end on a tiny synthetic configuration."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset.train_per_class=6", "dataset.test_per_class=3", "dataset.num_points=128",
+    "model.width=8", "teacher.epochs=1", "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=16",
+    "bench.repeats=1", "train.num_workers=0",
+]
+
+
+def run_tool(tmp_path: Path, *overrides: str, run_dir: str = "run", check: bool = True) -> subprocess.CompletedProcess:
+    env = {"KDQAT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    cmd = [sys.executable, str(ROOT / "tools" / "train_kd_qat.py"), *TINY, f"hydra.run.dir={tmp_path / run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("kdqat")
+    run_tool(tmp_path)
+    return tmp_path, tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_run_directory_holds_every_promised_file(finished_run):
+    _, run = finished_run
+    for name in ("config.yaml", "metrics.json", "log.jsonl", "teacher/last.pt", "teacher/final.pt",
+                 "student/last.pt", "model_int8.pt", "model_int8.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("method", "model", "dataset", "seed", "oa", "macc", "size_mb", "latency_ms", "fp32", "fakequant", "teacher"):
+        assert key in metrics, key
+    assert metrics["method"] == "kd_qat" and metrics["latency_ms"]["threads"] == 2
+    assert {"batch_1", "batch_16"} <= metrics["latency_ms"].keys()
+    assert metrics["quantized_ops"]["float"] == 0
+    assert metrics["size_mb"] < metrics["fp32"]["size_mb"]
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_int8_artifact_loads_without_the_project_and_reproduces_the_reported_accuracy(finished_run):
+    tmp_path, run = finished_run
+    # A fresh interpreter, cwd outside the repo, no PYTHONPATH: only torch and the artifact.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, torch\n"
+        "assert 'models' not in sys.modules\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "x = torch.load(sys.argv[2])\n"
+        "torch.save(m(x['xyz'], x['feats']).argmax(1), sys.argv[3])\n"
+    )
+    sys.path.insert(0, str(ROOT))
+    from omegaconf import OmegaConf
+
+    import data
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    test = data.build_dataset(cfg.dataset, "test")
+    batch = next(iter(data.build_loader(test, len(test), shuffle=False)))
+    torch.save({"xyz": batch["xyz"], "feats": batch["feats"]}, tmp_path / "batch.pt")
+    subprocess.run([sys.executable, "-I", str(probe), str(run / "model_int8.pt"), str(tmp_path / "batch.pt"),
+                    str(tmp_path / "preds.pt")], cwd="/", check=True, timeout=300)
+    preds = torch.load(tmp_path / "preds.pt")
+    oa = (preds == batch["label"]).float().mean().item() * 100
+    assert oa == pytest.approx(json.loads((run / "metrics.json").read_text())["oa"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_gives_the_same_final_metrics(finished_run, tmp_path):
+    _, full = finished_run
+    run_tool(tmp_path, "train.epochs=1", run_dir="part")  # stops after the first student epoch
+    (tmp_path / "part" / "metrics.json").unlink()
+    run_tool(tmp_path, "resume=true", run_dir="part")
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert b["oa"] == a["oa"] and b["fakequant"] == a["fakequant"]
+    assert [h["val/oa_fakequant"] for h in b["history"]] == [h["val/oa_fakequant"] for h in a["history"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("distill.alpha=1.5", "distill.alpha=1.5 must lie in [0, 1]"),
+    ("distill.temperature=0", "distill.temperature=0"),
+    ("qat.qconfig=/nonexistent/spec.yaml", "/nonexistent/spec.yaml"),
+    ("teacher.ckpt=/nonexistent.pth", "teacher.ckpt=/nonexistent.pth"),
+])
+def test_bad_config_fails_with_one_line_before_training(tmp_path, override, message):
+    proc = run_tool(tmp_path, override, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_teacher_checkpoint_for_another_class_count_is_refused(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from models import create_model
+
+    ckpt = tmp_path / "teacher40.pth"
+    torch.save({"model": create_model("pointnext-s", num_classes=40, width=8).state_dict()}, ckpt)
+    proc = run_tool(tmp_path, f"teacher.ckpt={ckpt}", check=False)
+    assert proc.returncode != 0
+    assert "prediction.head.4.0.weight" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,96 @@
+"""Where metrics go: the console, `log.jsonl` in the run directory, and optionally W&B.
+
+Metric names are stable (`train/loss`, `train/task_loss`, `train/kd_loss`, `train/lr`,
+`val/oa_fakequant`, `val/oa_fp32`, `qat/fake_quant_fraction`, `test/oa_int8`, ...) so sweeps and
+dashboards can rely on them. Library code never logs: it returns dicts that land here.
+"""
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+__all__ = ["RunLogger", "progress"]
+
+
+def progress(iterable: Iterable, desc: str) -> Iterable:
+    """Progress bar over batches (tqdm; quiet when stderr is not a terminal, e.g. in CI logs)."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class RunLogger:
+    """Console + `log.jsonl` always; W&B when `logger=wandb`.
+
+    With `logger.mode=auto`, W&B runs online only when credentials are present and falls back
+    to offline mode otherwise (or when the online start fails), saying where the run was saved.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_type: str = "train") -> None:
+        self.run_dir = run_dir
+        self.jsonl = run_dir / "log.jsonl"
+        self.wandb_run = None
+        if cfg.logger.name == "wandb":
+            self.wandb_run = self._start_wandb(cfg, job_type)
+
+    def _start_wandb(self, cfg: DictConfig, job_type: str) -> Any:
+        import wandb
+
+        mode = cfg.logger.mode
+        if mode == "auto":
+            mode = "online" if _wandb_credentials_present() else "offline"
+        kwargs = dict(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            tags=list(cfg.logger.tags),
+            job_type=job_type,
+            dir=str(self.run_dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        try:
+            run = wandb.init(mode=mode, **kwargs)
+        except Exception as err:  # no network, bad key: keep the run, log offline
+            if mode == "offline":
+                raise
+            self.console(f"W&B online start failed ({type(err).__name__}); logging offline instead")
+            mode = "offline"
+            run = wandb.init(mode=mode, **kwargs)
+        if mode == "offline":
+            self.console(f"W&B offline run saved in {run.dir}; upload later with `wandb sync {Path(run.dir).parent}`")
+        return run
+
+    def console(self, message: str) -> None:
+        tqdm.write(message)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """One record: to log.jsonl, to W&B, and a compact line to the console."""
+        record = {"step": step, **metrics}
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({**metrics, "trainer/step": step})  # W&B steps must grow; phases restart theirs
+        if any("val/" in key or "test/" in key or key.endswith("epoch") for key in metrics):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            self.console(f"[step {step}] {shown}")
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            for key, value in metrics.items():
+                self.wandb_run.summary[key] = value
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,62 @@
+"""Latency and size figures shared by the tools (metrics.json, compare tables, benchmarks)."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["torch_threads", "time_call", "latency_ms"]
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Runs the block with `threads` intra-op threads, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Wall-clock ms of `fn()`: min / median / max over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples)}
+
+
+@torch.no_grad()
+def latency_ms(
+    model: Callable[..., torch.Tensor],
+    num_points: int,
+    in_channels: int,
+    batch_sizes: tuple[int, ...],
+    threads: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Median CPU latency of `model(xyz, feats)` on random clouds, per batch size.
+
+    Returns:
+        {'threads': T, 'num_points': N, 'batch_<b>': median ms, 'batch_<b>_minmax': [min, max]}.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    result: dict[str, object] = {"threads": threads, "num_points": num_points}
+    with torch_threads(threads):
+        for batch in batch_sizes:
+            xyz = torch.rand(batch, num_points, 3, generator=gen) * 2 - 1
+            feats = xyz.transpose(1, 2).contiguous() if in_channels == 3 else torch.cat(
+                [xyz.transpose(1, 2), xyz[:, :, 1:2].transpose(1, 2) + 1], dim=1)
+            stats = time_call(lambda: model(xyz, feats), repeats)
+            result[f"batch_{batch}"] = stats["median"]
+            result[f"batch_{batch}_minmax"] = [stats["min"], stats["max"]]
+    return result

@@ -1,0 +1,274 @@
+"""The KD-QAT workflow composed from the packages, shared by the command-line tools.
+
+`tools/` is the only place where data, models, the engine and the quantizer meet
+(`distill/` and `qat/` never import each other). Each function is one step of the story
+`tools/train_kd_qat.py` tells: data → FP32 teacher → prepared student → (KD-)QAT → int8 → metrics.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+
+import data
+import qat
+from distill import (
+    DistillationLoss, Engine, EngineConfig, FrozenTeacher, atomic_torch_save, predict, seed_everything,
+)
+from models import CheckpointError, create_model, load_checkpoint
+
+from _logging import RunLogger, progress
+from _measure import latency_ms
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any training starts."""
+
+
+# Errors that mean "the user's input is wrong": the tools print them as one line and exit 1.
+USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError)
+
+
+# ---- set-up ----------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig) -> None:
+    """Fails fast, with the key and the fix, on values that would only break hours later."""
+    if cfg.mode not in ("fp32", "qat", "kd_qat"):
+        raise ConfigError(f"mode={cfg.mode}: use fp32, qat or kd_qat (static PTQ: tools/quantize.py method=static)")
+    for key in ("train.epochs", "teacher.epochs"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
+    for key in ("train.batch_size", "train.eval_batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    try:
+        DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, cfg.distill.label_smoothing)  # validates
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.mode != "fp32":
+        try:
+            qat.spec_from_config(cfg.qat)
+            qat.QuantSchedule.from_config(cfg.qat)
+        except (qat.SpecError, ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
+    if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
+        raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Data:
+    train: Any
+    test: Any
+    train_loader: DataLoader
+    test_loader: DataLoader
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.in_channels
+
+    @property
+    def num_points(self) -> int:
+        return self.train.num_points
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        item = next(iter(self.test_loader))
+        return item["xyz"][:batch], item["feats"][:batch]
+
+
+def build_data(cfg: DictConfig) -> Data:
+    train = data.build_dataset(cfg.dataset, "train")
+    test = data.build_dataset(cfg.dataset, "test")
+    workers = cfg.train.num_workers
+    return Data(
+        train, test,
+        data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed, drop_last=True),
+        data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed),
+    )
+
+
+def build_model(name: str, width: int, cfg: DictConfig, d: Data) -> nn.Module:
+    """A classifier for the dataset: `name`/`width` with the model group's other arguments."""
+    args = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("name", "width")}
+    return create_model(name, num_classes=d.num_classes, in_channels=d.in_channels, width=width, **args)
+
+
+# ---- training --------------------------------------------------------------------------------
+def make_optimizer(model: nn.Module, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW from timm, no weight decay on norms and biases (`filter_bias_and_bn`)."""
+    return create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
+                               filter_bias_and_bn=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, epochs: int, steps_per_epoch: int) -> Any:
+    """timm cosine schedule with warm-up, stepped once per update."""
+    total = max(1, epochs * steps_per_epoch)
+    lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer, t_initial=total, lr_min=lr * cfg.sched.min_lr_ratio,
+        warmup_t=int(cfg.sched.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * cfg.sched.warmup_lr_ratio,
+        t_in_epochs=False,
+    )
+
+
+def run_engine(
+    model: nn.Module,
+    cfg: DictConfig,
+    d: Data,
+    *,
+    epochs: int,
+    lr: float,
+    phase: str,
+    run_dir: Path,
+    logger: RunLogger,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    alpha: float = 0.0,
+    hooks: tuple = (),
+    tag: str = "fp32",
+) -> Engine:
+    """Trains `model` for `epochs` with the one engine; checkpoints in `run_dir/phase/`.
+
+    With `resume=true` the phase continues from its last complete checkpoint.
+    """
+    optimizer = make_optimizer(model, cfg, lr)
+    engine = Engine(
+        student=model,
+        loss_fn=DistillationLoss(alpha, cfg.distill.temperature, cfg.distill.label_smoothing),
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg, epochs, len(d.train_loader)),
+        train_loader=d.train_loader,
+        val_loader=d.test_loader,
+        teacher=teacher,
+        hooks=hooks,
+        num_classes=d.num_classes,
+        device=device,
+        config=EngineConfig(epochs=epochs, seed=cfg.seed, tag=tag, log_every=cfg.train.log_every,
+                            max_grad_norm=cfg.optim.max_grad_norm, nonfinite=cfg.train.nonfinite,
+                            checkpoint_dir=run_dir / phase),
+        log_fn=lambda metrics, step: logger.log({f"{phase}/{k}" if phase == "teacher" else k: v
+                                                 for k, v in metrics.items()}, step),
+        progress=progress,
+        extra_state={"phase": phase, "cfg": OmegaConf.to_container(cfg, resolve=True)},
+    )
+    if cfg.resume and engine.resume():
+        logger.console(f"resumed {phase} from {engine.checkpoint_path} at epoch {engine.epoch}")
+    engine.fit()
+    return engine
+
+
+def _teacher_cache_key(cfg: DictConfig) -> str:
+    """Everything that determines a trained teacher: data, architecture, recipe, seed."""
+    keyed = {
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "teacher": {k: cfg.teacher[k] for k in ("model", "width", "epochs")},
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "sched": OmegaConf.to_container(cfg.sched, resolve=True),
+        "label_smoothing": cfg.distill.label_smoothing,
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.seed,
+    }
+    keyed["dataset"].pop("num_workers", None)
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, device: torch.device) -> tuple[nn.Module, str]:
+    """The FP32 teacher: `teacher.ckpt`, else a cached one, else trained here (then cached).
+
+    Returns:
+        The model (eval mode) and where it came from.
+    """
+    model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
+    if cfg.teacher.ckpt:
+        load_checkpoint(model, cfg.teacher.ckpt)
+        return model.eval(), f"checkpoint {cfg.teacher.ckpt}"
+    cached = Path(cfg.cache_dir) / "teachers" / f"{_teacher_cache_key(cfg)}.pt"
+    final = run_dir / "teacher" / "final.pt"
+    for source in (final, cached if cfg.teacher.cache else None):
+        if source is not None and source.is_file():
+            load_checkpoint(model, source)
+            return model.eval(), f"cached {source}"
+    logger.console(f"training the FP32 teacher for {cfg.teacher.epochs} epochs (cached for later runs)")
+    seed_everything(cfg.seed)
+    model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d).to(device)
+    run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.optim.lr, phase="teacher", run_dir=run_dir,
+               logger=logger, device=device, tag="fp32")
+    model = model.cpu()
+    atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, final)
+    if cfg.teacher.cache:
+        atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
+    return model.eval(), "trained in this run"
+
+
+def init_student(cfg: DictConfig, d: Data, teacher: nn.Module) -> nn.Module:
+    """The FP32 student: the teacher's weights when the architectures match.
+
+    A different (e.g. wider) teacher needs a trained FP32 student: pass `student.ckpt`.
+    """
+    student = build_model(cfg.model.name, cfg.model.width, cfg, d)
+    student_ckpt = OmegaConf.select(cfg, "student.ckpt", default="")
+    if student_ckpt:
+        load_checkpoint(student, student_ckpt)
+    elif student.state_dict().keys() == teacher.state_dict().keys() and all(
+        a.shape == b.shape for a, b in zip(student.state_dict().values(), teacher.state_dict().values())
+    ):
+        student.load_state_dict(teacher.state_dict())
+    else:
+        raise ConfigError(
+            f"student {cfg.model.name} (width {cfg.model.width}) differs from teacher {cfg.teacher.model} "
+            f"(width {cfg.teacher.width}): give its FP32 weights with +student.ckpt=PATH"
+        )
+    return student
+
+
+def prepare_student(student: nn.Module, cfg: DictConfig, d: Data) -> nn.Module:
+    """FX-prepares the FP32 student for QAT with the configured qconfig spec."""
+    return qat.prepare_qat(copy.deepcopy(student).train(), qat.spec_from_config(cfg.qat), d.example_inputs())
+
+
+# ---- evaluation and artifacts ----------------------------------------------------------------
+def evaluate(model: Callable[..., torch.Tensor], d: Data, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """OA / mAcc / per-class accuracy (percent) on the test split; the model's mode is the caller's."""
+    preds, labels = predict(model, d.test_loader, device)
+    return data.classification_metrics(preds, labels, d.num_classes)
+
+
+def model_latency(model: Callable[..., torch.Tensor], cfg: DictConfig, d: Data) -> dict[str, Any]:
+    return latency_ms(model, d.num_points, d.in_channels, (1, cfg.train.eval_batch_size),
+                      cfg.bench.threads, cfg.bench.repeats, seed=cfg.seed)
+
+
+def state_dict_size_mb(model: nn.Module) -> float:
+    """Size of the FP32 model as a saved state dict (the usual 'FP32 checkpoint' figure)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fp32.pt"
+        torch.save(model.state_dict(), path)
+        return os.path.getsize(path) / 1e6
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)

@@ -1,0 +1,106 @@
+"""Figures of a finished run (accuracy, size, latency) and the console table.
+
+Every number in metrics.json is measured here, from the models and the saved artifact: the
+int8 row is evaluated by reloading `model_int8.pt` from disk, not from the in-memory model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from omegaconf import DictConfig
+
+import qat
+from qat.export import export_int8, file_size_mb, load_int8
+
+import _pipeline as P
+
+__all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table"]
+
+
+def fp32_figures(model: nn.Module, cfg: DictConfig, d: P.Data) -> dict[str, Any]:
+    """OA / mAcc / size / latency of an FP32 model on CPU in eval mode."""
+    model = model.cpu().eval()
+    result = P.evaluate(model, d)
+    return {
+        "oa": result["oa"], "macc": result["macc"],
+        "size_mb": P.state_dict_size_mb(model),
+        "latency_ms": P.model_latency(model, cfg, d),
+    }
+
+
+def quantized_run_metrics(
+    cfg: DictConfig,
+    d: P.Data,
+    *,
+    method: str,
+    prepared: nn.Module,
+    fp32_model: nn.Module,
+    run_dir: Path,
+    teacher: nn.Module | None = None,
+    schedule: Any = None,
+    history: list | None = None,
+) -> dict[str, Any]:
+    """Converts, exports and measures a prepared (QAT or calibrated PTQ) model.
+
+    Returns the metrics.json payload: the int8 figures at top level, `fp32` (the model that was
+    quantized), `teacher` (when distilling), `fakequant` (the prepared model, for QAT methods).
+    """
+    metrics: dict[str, Any] = {"method": method, "model": cfg.model.name, "width": cfg.model.width,
+                               "dataset": cfg.dataset.name, "seed": cfg.seed, "num_points": d.num_points}
+    metrics["fp32"] = fp32_figures(fp32_model, cfg, d)
+    if teacher is not None:
+        metrics["teacher"] = P.evaluate(teacher.cpu().eval(), d) | {"model": cfg.teacher.model, "width": cfg.teacher.width}
+        metrics["teacher"].pop("per_class", None), metrics["teacher"].pop("confusion", None)
+    if schedule is not None:  # the fake-quant student as it was validated during training
+        prepared.eval()
+        with schedule.evaluating(prepared):
+            fakequant = P.evaluate(prepared, d)
+        metrics["fakequant"] = {"oa": fakequant["oa"], "macc": fakequant["macc"]}
+    int8 = qat.convert(prepared)
+    artifact = run_dir / "model_int8.pt"
+    export_int8(int8, artifact, {
+        "class_names": list(d.train.class_names),
+        "num_points": d.num_points,
+        "in_channels": d.in_channels,
+        "input_layout": {"xyz": "float32 (B, N, 3)", "feats": f"float32 (B, {d.in_channels}, N), optional when 3"},
+        "method": method, "model": cfg.model.name, "dataset": cfg.dataset.name,
+    })
+    reloaded = load_int8(artifact)
+    result = P.evaluate(reloaded, d)
+    metrics.update({
+        "oa": result["oa"], "macc": result["macc"], "per_class_acc": result["per_class"],
+        "size_mb": file_size_mb(artifact),
+        "latency_ms": P.model_latency(reloaded, cfg, d),
+        "quantized_ops": qat.quantized_op_count(int8),
+    })
+    metrics["delta_oa_vs_fp32"] = metrics["oa"] - metrics["fp32"]["oa"]
+    metrics["size_ratio_vs_fp32"] = metrics["size_mb"] / metrics["fp32"]["size_mb"]
+    batch = f"batch_{cfg.train.eval_batch_size}"
+    metrics["speedup_vs_fp32"] = {
+        key: metrics["fp32"]["latency_ms"][key] / metrics["latency_ms"][key] for key in ("batch_1", batch)
+    }
+    if history:
+        metrics["history"] = history
+    return metrics
+
+
+def print_results_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
+    """Fixed-width table: OA, mAcc, size and latency (batch 1 and the eval batch) per row."""
+    header = f"{'':<22}{'OA %':>8}{'mAcc %':>9}{'size MB':>9}{'ms b=1':>9}{'ms b=B':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, m in rows:
+        lat = m.get("latency_ms") or {}
+        batch_keys = [k for k in lat if k.startswith("batch_") and k != "batch_1" and not k.endswith("minmax")]
+        cells = [
+            f"{m['oa']:8.2f}", f"{m['macc']:9.2f}",
+            f"{m['size_mb']:9.2f}" if "size_mb" in m else f"{'-':>9}",
+            f"{lat['batch_1']:9.1f}" if "batch_1" in lat else f"{'-':>9}",
+            f"{lat[batch_keys[0]]:9.1f}" if batch_keys else f"{'-':>9}",
+        ]
+        print(f"{name:<22}" + "".join(cells))
+    threads = next((m["latency_ms"]["threads"] for _, m in rows if m.get("latency_ms")), None)
+    if threads:
+        print(f"(latency: median CPU ms with {threads} threads; b=B is the eval batch)")
