@@ -16,7 +16,7 @@ from qat.export import export_int8, file_size_mb, load_int8
 
 import _pipeline as P
 
-__all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table"]
+__all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table"]
 
 
 def fp32_figures(model: nn.Module, cfg: DictConfig, d: P.Data) -> dict[str, Any]:
@@ -104,3 +104,30 @@ def print_results_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
     threads = next((m["latency_ms"]["threads"] for _, m in rows if m.get("latency_ms")), None)
     if threads:
         print(f"(latency: median CPU ms with {threads} threads; b=B is the eval batch)")
+
+
+def compare_table(results: dict[str, dict[str, Any]], eval_batch: int) -> tuple[str, str]:
+    """Markdown and CSV tables of methods measured from the same FP32 model.
+
+    Columns: OA, mAcc, size and its ratio to FP32, latency at batch 1 and the eval batch, their
+    speed-ups, and the OA change in points. Every cell is read from the methods' metrics.
+    """
+    fp32 = results["fp32"]
+    batch = f"batch_{eval_batch}"
+    header = ["method", "OA %", "mAcc %", "size MB", "size ratio", "ms b=1", f"ms b={eval_batch}",
+              "speed-up b=1", f"speed-up b={eval_batch}", "ΔOA pts"]
+    rows = []
+    for method, m in results.items():
+        lat = m["latency_ms"]
+        rows.append([
+            method, f"{m['oa']:.2f}", f"{m['macc']:.2f}", f"{m['size_mb']:.3f}", f"{m['size_mb'] / fp32['size_mb']:.3f}",
+            f"{lat['batch_1']:.1f}", f"{lat[batch]:.1f}",
+            f"{fp32['latency_ms']['batch_1'] / lat['batch_1']:.2f}", f"{fp32['latency_ms'][batch] / lat[batch]:.2f}",
+            f"{m['oa'] - fp32['oa']:+.2f}",
+        ])
+    markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(row) + " |" for row in rows])
+    threads = fp32["latency_ms"]["threads"]
+    markdown += f"\n\nLatency: median CPU ms, {threads} threads, {fp32['num_points']} points.\n"
+    csv = "\n".join(",".join(row) for row in [header, *rows]) + "\n"
+    return markdown, csv

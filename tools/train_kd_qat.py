@@ -10,7 +10,6 @@ teacher/ and student/ checkpoints (last.pt, resumable with resume=true), model_i
 """
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -20,11 +19,11 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import qat  # noqa: E402
-from distill import FrozenTeacher, seed_everything  # noqa: E402
+from distill import seed_everything  # noqa: E402
 from _logging import RunLogger  # noqa: E402
 import _pipeline as P  # noqa: E402
-from _report import fp32_figures, print_results_table, quantized_run_metrics  # noqa: E402
+from _report import print_results_table  # noqa: E402
+from _workflow import quantize  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="train_kd_qat", version_base="1.3")
@@ -51,31 +50,22 @@ def run(cfg: DictConfig) -> None:
     teacher, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
     logger.console(f"teacher: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     if cfg.mode == "fp32":
-        metrics = {"method": "fp32", "model": cfg.teacher.model, "dataset": cfg.dataset.name, "seed": cfg.seed}
-        metrics.update(fp32_figures(teacher, cfg, d))
+        metrics = quantize("fp32", cfg, d, teacher, teacher, run_dir, logger, device)
         P.write_json(run_dir / "metrics.json", metrics)
         print_results_table([("FP32 teacher", metrics)])
         return
 
-    # ---- student: FP32 copy → FX-prepared (fake quant + observers), schedule as an epoch hook --
+    # ---- student: FP32 copy → FX-prepared → (KD-)QAT with the fake-quant schedule → int8 ------
+    # (tools/_workflow.py: prepare_qat_fx, the engine with the schedule as an epoch hook,
+    #  convert_fx, TorchScript export, evaluation of the reloaded artifact, latency and size)
     student = P.init_student(cfg, d, teacher)
-    prepared = P.prepare_student(student, cfg, d).to(device)
-    schedule = qat.QuantSchedule.from_config(cfg.qat)
-    alpha = cfg.distill.alpha if cfg.mode == "kd_qat" else 0.0
-    frozen = FrozenTeacher(copy.deepcopy(teacher).to(device)) if alpha > 0 else None
-    engine = P.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
-                          phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
-                          alpha=alpha, hooks=(schedule,), tag="fakequant")
-
-    # ---- convert (fbgemm, CPU), export, and measure everything from the saved artifact ----------
-    prepared = prepared.cpu()
-    metrics = quantized_run_metrics(cfg, d, method=cfg.mode, prepared=prepared, schedule=schedule,
-                                    fp32_model=student, teacher=teacher, run_dir=run_dir, history=engine.history)
+    metrics = quantize(cfg.mode, cfg, d, student, teacher, run_dir, logger, device)
     P.write_json(run_dir / "metrics.json", metrics)
     logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.finish()
-    print_results_table([("teacher FP32", metrics["teacher"]), ("student FP32 (init)", metrics["fp32"]),
-                         ("student fake-quant", metrics["fakequant"]), ("student int8", metrics)])
+    rows = [("teacher FP32", metrics["teacher"])] if "teacher" in metrics else []
+    print_results_table(rows + [("student FP32 (init)", metrics["fp32"]), ("student fake-quant", metrics["fakequant"]),
+                                ("student int8", metrics)])
     logger.console(f"metrics: {run_dir / 'metrics.json'}  artifact: {run_dir / 'model_int8.pt'}")
 
 

@@ -1,0 +1,76 @@
+"""One quantization method applied to an FP32 model: the step every tool shares.
+
+`tools/train_kd_qat.py` runs `kd_qat` (or `qat`); `tools/quantize.py` runs any method and
+`compare` runs them all from the same FP32 model. There is no second implementation of any of
+them: static PTQ, QAT and KD-QAT differ only in calibration vs. engine run and in α.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+import data
+import qat
+from distill import FrozenTeacher
+
+import _pipeline as P
+from _logging import RunLogger
+from _report import fp32_figures, quantized_run_metrics
+
+METHODS = ("fp32", "static", "qat", "kd_qat")
+
+
+def calibration_loader(cfg: DictConfig) -> torch.utils.data.DataLoader:
+    """Training clouds without augmentation, in a fixed order, for PTQ observers."""
+    dataset_cfg = OmegaConf.merge(cfg.dataset, {"augment": {"scale_low": 1.0, "scale_high": 1.0, "translate": 0.0,
+                                                            "jitter_sigma": 0.0, "rotation": 0.0}})
+    train = data.build_dataset(dataset_cfg, "train")
+    return data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=0, seed=cfg.seed)
+
+
+def quantize(
+    method: str,
+    cfg: DictConfig,
+    d: P.Data,
+    fp32_model: nn.Module,
+    teacher: nn.Module,
+    run_dir: Path,
+    logger: RunLogger,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Applies `method` to `fp32_model` and returns its metrics.json payload (written by the caller).
+
+    Args:
+        method: fp32 | static | qat | kd_qat.
+        fp32_model: The model to quantize (the student's FP32 weights).
+        teacher: The FP32 teacher (used by kd_qat only).
+        run_dir: Where this method's checkpoints and artifact go.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if method == "fp32":
+        return {"method": "fp32", "model": cfg.model.name, "width": cfg.model.width, "dataset": cfg.dataset.name,
+                "seed": cfg.seed, "num_points": d.num_points, **fp32_figures(fp32_model, cfg, d)}
+    if method == "static":
+        spec = qat.spec_from_config(cfg.qat)
+        prepared = qat.prepare_ptq(copy.deepcopy(fp32_model).cpu().eval(), spec, d.example_inputs())
+        qat.calibrate(prepared, calibration_loader(cfg), forward_fn=lambda m, b: m(b["xyz"], b["feats"]),
+                      max_batches=cfg.qat.calib_batches)
+        return quantized_run_metrics(cfg, d, method="static", prepared=prepared, fp32_model=fp32_model,
+                                     run_dir=run_dir)
+    if method not in ("qat", "kd_qat"):
+        raise P.ConfigError(f"method={method}: use one of {', '.join(METHODS)} or compare")
+    prepared = P.prepare_student(fp32_model, cfg, d).to(device)
+    schedule = qat.QuantSchedule.from_config(cfg.qat)
+    alpha = cfg.distill.alpha if method == "kd_qat" else 0.0
+    frozen = FrozenTeacher(copy.deepcopy(teacher).to(device)) if alpha > 0 else None
+    engine = P.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
+                          phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
+                          alpha=alpha, hooks=(schedule,), tag="fakequant")
+    return quantized_run_metrics(cfg, d, method=method, prepared=prepared.cpu(), schedule=schedule,
+                                 fp32_model=fp32_model, teacher=teacher if alpha > 0 else None, run_dir=run_dir,
+                                 history=engine.history)
