@@ -1,0 +1,49 @@
+"""Quantization: the qconfig spec, the FX backend (prepare / convert / toggles), the QAT schedule, PTQ calibration."""
+from .fx import (
+    bn_frozen,
+    build_qconfig_mapping,
+    convert,
+    fake_quant_modules,
+    fake_quant_owners,
+    float_op_names,
+    freeze_bn_stats,
+    observers_disabled,
+    prepare_ptq,
+    prepare_qat,
+    quantized_op_count,
+    set_fake_quant,
+    set_observer,
+    unfreeze_bn_stats,
+    weighted_layer_names,
+)
+from .ptq import calibrate
+from .schedule import QuantSchedule, group_stages, stage_key
+from .spec import LayerChoice, QConfigSpec, SpecError, load_spec, save_spec, spec_from_config
+
+__all__ = [
+    "QConfigSpec",
+    "LayerChoice",
+    "SpecError",
+    "load_spec",
+    "save_spec",
+    "spec_from_config",
+    "build_qconfig_mapping",
+    "prepare_qat",
+    "prepare_ptq",
+    "convert",
+    "fake_quant_modules",
+    "fake_quant_owners",
+    "set_fake_quant",
+    "set_observer",
+    "observers_disabled",
+    "freeze_bn_stats",
+    "unfreeze_bn_stats",
+    "bn_frozen",
+    "weighted_layer_names",
+    "quantized_op_count",
+    "float_op_names",
+    "QuantSchedule",
+    "stage_key",
+    "group_stages",
+    "calibrate",
+]

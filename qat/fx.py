@@ -1,0 +1,496 @@
+"""FX graph-mode quantization backend: the project's only importer of `torch.ao`.
+
+Everything that touches `torch.ao.quantization` lives here: the spec → `QConfigMapping`
+translation, `prepare_qat` / `prepare_ptq` / `convert`, and the toggles the schedule uses
+(fake quant, observers, BN statistics). FX graph mode is deprecated upstream in favour of
+torchao's PT2E flow; a PT2E backend will be a second module with the same functions, and
+nothing else in the project changes.
+
+Numerics chosen here, and why (measured with torch 2.14.1):
+
+* QAT weights use the *unfused* `FakeQuantize`. The fused `FusedMovingAvgObsFakeQuantize`
+  (PyTorch's default for weights) trains with symmetric scales of max/127 or |min|/128 per
+  channel, while its observer's `calculate_qparams`, which `convert_fx` uses for the int8
+  weights, gives max|w|/127.5: QAT trains on a grid 0.4 % off the deployed one, and the int8
+  logits then track the fake-quant logits no better than the FP32 logits do. Activations are
+  affine, where both agree, so they keep the fused (faster) module.
+* Activations' 7-bit range is given as `quant_min=0, quant_max=127` rather than the deprecated
+  `reduce_range=True`; the two give identical qparams for all three observers.
+* QAT weights are symmetric in [-127, 127], not [-128, 127]: with a scale of max|w|/127.5 the
+  extreme negative weight of a channel lands exactly on a rounding tie, which the fake quant
+  and `convert_fx` break differently (one weight off per channel, measured 2-10 % logit error).
+* Dropout shares its input's qparams (see `_backend_config`).
+* `convert` freezes the fake-quant observers of its copy and clips weights to their fake-quant
+  range, so the int8 model uses exactly the qparams and weights the fake-quant model last
+  used (`convert_fx` otherwise runs every weight fake quant once more, which with live
+  observers moves the weight ranges).
+
+With these, the int8 model reproduces the fake-quant logits exactly as long as activations
+stay inside their observed ranges (tests/test_qat_fx.py). Beyond them the fake quant clips at
+the 7-bit maximum while the int8 model keeps values up to 255: the two then differ.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.nn.quantized as nnq
+import torch.nn as nn
+from torch.ao.quantization import (
+    FakeQuantize,
+    FakeQuantizeBase,
+    FusedMovingAvgObsFakeQuantize,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    get_default_qat_qconfig_mapping,
+    get_default_qconfig_mapping,
+)
+from torch.ao.quantization.backend_config import (
+    BackendConfig,
+    BackendPatternConfig,
+    ObservationType,
+    get_native_backend_config,
+)
+from torch.ao.quantization.observer import ObserverBase
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+from torch.fx import GraphModule
+
+from .spec import LayerChoice, QConfigSpec, SpecError
+
+__all__ = [
+    "build_qconfig_mapping",
+    "prepare_qat",
+    "prepare_ptq",
+    "convert",
+    "fake_quant_modules",
+    "fake_quant_owners",
+    "set_fake_quant",
+    "set_observer",
+    "observers_disabled",
+    "freeze_bn_stats",
+    "unfreeze_bn_stats",
+    "bn_frozen",
+    "weighted_layer_names",
+    "quantized_op_count",
+    "float_op_names",
+]
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Fused QAT modules with batch-norm inside (ConvBnReLU*d subclass ConvBn*d). The helper
+# `nniqat.freeze_bn_stats` forgets LinearBn1d, which FX fuses from the head's Linear + BatchNorm1d.
+_BN_FUSED = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.LinearBn1d)
+_OBSERVER_CLASSES = {
+    "moving_average_minmax": MovingAverageMinMaxObserver,
+    "minmax": MinMaxObserver,
+    "histogram": HistogramObserver,
+}
+_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Linear": nn.Linear}
+
+
+@contextlib.contextmanager
+def _fx_warnings_silenced() -> Iterator[None]:
+    """Hides torch.ao's deprecation notices around our calls into it, and only there.
+
+    FX graph-mode quantization warns on every call that it is deprecated in favour of torchao
+    PT2E, and converted modules warn that quantized tensor creation is deprecated. This module
+    is the project's single, deliberate use of that API (see the module docstring), so the
+    notices say nothing new and would bury real warnings in every log.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"torch\.ao\.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"torch\.quantize_per_tensor, torch\.quantize_per_channel", UserWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec → QConfigMapping
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation(observer: str, reduce_range: bool, qat: bool) -> Any:
+    """Constructor of the activation observer (PTQ) or fake quant (QAT), quint8 affine."""
+    obs = _OBSERVER_CLASSES[observer]
+    qrange = dict(quant_min=0, quant_max=127 if reduce_range else 255, dtype=torch.quint8)
+    if not qat:
+        return obs.with_args(**qrange)
+    if observer == "moving_average_minmax":  # the fused kernel exists only for this observer
+        return FusedMovingAvgObsFakeQuantize.with_args(observer=obs, **qrange)
+    return FakeQuantize.with_args(observer=obs, **qrange)
+
+
+def _weight(scheme: str, qat: bool) -> Any:
+    """Constructor of the weight observer (PTQ) or fake quant (QAT), qint8 symmetric in [-127, 127]."""
+    per_channel = scheme == "per_channel"
+    args = dict(quant_min=-127, quant_max=127, dtype=torch.qint8)
+    if per_channel:
+        args.update(qscheme=torch.per_channel_symmetric, ch_axis=0)
+    else:
+        args.update(qscheme=torch.per_tensor_symmetric)
+    if not qat:
+        return (PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(**args)
+    # Unfused on purpose: see the module docstring (trained grid == int8 grid).
+    observer = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+    return FakeQuantize.with_args(observer=observer, **args)
+
+
+def _qconfig(spec: QConfigSpec, choice: LayerChoice | None, qat: bool) -> QConfig:
+    choice = choice or LayerChoice()
+    return QConfig(
+        activation=_activation(choice.activation_observer or spec.activation_observer, spec.reduce_range, qat),
+        weight=_weight(choice.weight or spec.weight, qat),
+    )
+
+
+def _covered(name: str, names: Sequence[str]) -> bool:
+    """Whether `name` is one of `names` or lies under one of them (a module-name qconfig covers children)."""
+    return any(name == n or name.startswith(n + ".") for n in names)
+
+
+def build_qconfig_mapping(spec: QConfigSpec, qat: bool, model: nn.Module | None = None) -> QConfigMapping:
+    """Translates a spec into the `QConfigMapping` that FX prepare consumes.
+
+    Starts from PyTorch's default mapping for the backend (which carries fixed-qparams entries
+    for sigmoid/tanh and friends) and replaces the global qconfig, then adds per-name entries.
+    Type overrides are resolved to module names: FX refuses an object-type qconfig on a conv
+    that it fuses with a BN/ReLU unless the BN and ReLU types carry the same qconfig, which
+    would leak the override to every BN and ReLU of the model.
+
+    Args:
+        spec: The choices.
+        qat: Fake-quant modules (QAT) rather than plain observers (PTQ).
+        model: The float model; required when `spec.type_overrides` is set, to find the modules
+            of each type, and used to check that every named module exists.
+
+    Raises:
+        SpecError: A named module does not exist, or type overrides without a model.
+    """
+    if model is not None:
+        _check_names(spec, model)
+    elif spec.type_overrides:
+        raise SpecError("type_overrides need the model to resolve; pass model= to build_qconfig_mapping")
+    default = get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping
+    mapping = default(spec.backend)
+    mapping.set_global(_qconfig(spec, None, qat))
+    explicit = [*spec.keep_fp32, *spec.module_overrides]
+    if spec.type_overrides:
+        for name, module in model.named_modules():
+            choice = spec.type_overrides.get(type(module).__name__)
+            if choice is not None and type(module) is _TYPES[type(module).__name__] and not _covered(name, explicit):
+                mapping.set_module_name(name, _qconfig(spec, choice, qat))
+    for name, choice in spec.module_overrides.items():
+        mapping.set_module_name(name, _qconfig(spec, choice, qat))
+    for name in spec.keep_fp32:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def weighted_layer_names(model: nn.Module) -> list[str]:
+    """Names of the conv/linear modules of a float model: the units a spec can name and quantize."""
+    return [name for name, module in model.named_modules() if isinstance(module, _WEIGHTED)]
+
+
+def _check_names(spec: QConfigSpec, model: nn.Module) -> None:
+    """Every named module must exist and hold a conv/linear; otherwise its entry would silently do nothing."""
+    modules = dict(model.named_modules())
+    weighted = weighted_layer_names(model)
+    for field, names in (("keep_fp32", spec.keep_fp32), ("module_overrides", list(spec.module_overrides))):
+        for name in names:
+            if name not in modules:
+                near = difflib.get_close_matches(name, list(modules), n=3)
+                hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+                raise SpecError(f"{field}: the model has no module {name!r}{hint}")
+            if not any(_covered(w, [name]) for w in weighted):
+                raise SpecError(
+                    f"{field}: {name!r} is a {type(modules[name]).__name__} with no conv/linear inside "
+                    "(a BN or ReLU is fused into its conv); name the conv or the block that holds it"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare / convert
+# ---------------------------------------------------------------------------------------------
+
+
+def _backend_config() -> BackendConfig:
+    """PyTorch's default (native, fbgemm/x86) backend config with Dropout sharing its input's qparams.
+
+    The default gives Dropout an output observer of its own, but the int8 Dropout is an
+    identity that drops that requantization: after every Dropout the fake-quant model would
+    run on a different grid from the int8 model (measured: one step off on half the entries
+    of the classifier's hidden layer). Sharing the observer makes both use the input's grid.
+    """
+    config = get_native_backend_config()
+    for op in (nn.Dropout, nn.functional.dropout):
+        (default,) = [c for c in config.configs if c.pattern is op]
+        config.set_backend_pattern_config(
+            BackendPatternConfig(op)
+            .set_observation_type(ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT)
+            .set_dtype_configs(default.dtype_configs)
+        )
+    return config
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def prepare_qat(model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> GraphModule:
+    """Traces a float model and inserts fake quantization for QAT (conv+BN(+ReLU) fused).
+
+    The model is deep-copied first: FX shares parameters with the module it traces, and the
+    float model is usually the teacher, which must not move while the student trains.
+
+    Args:
+        model: Float model in train mode (QAT fuses conv+BN into modules that still use batch
+            statistics, which requires training mode at prepare time).
+        spec: Quantization choices.
+        example_inputs: A tensor or tuple of positional inputs, e.g. `(xyz,)` with xyz (B, N, 3).
+
+    Returns:
+        The prepared student, in train mode, with observers and fake quant enabled.
+    """
+    if not model.training:
+        raise ValueError("prepare_qat: the model is in eval mode; call model.train() first (QAT needs train-mode BN)")
+    mapping = build_qconfig_mapping(spec, qat=True, model=model)
+    with _fx_warnings_silenced():
+        return prepare_qat_fx(
+            copy.deepcopy(model), mapping, _as_tuple(example_inputs), backend_config=_backend_config()
+        )
+
+
+def prepare_ptq(model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> GraphModule:
+    """Traces a float model and inserts observers for static post-training quantization.
+
+    Deep-copies like `prepare_qat`. Conv+BN are folded with the model's running statistics.
+
+    Args:
+        model: Float model in eval mode.
+        spec: Quantization choices.
+        example_inputs: A tensor or tuple of positional inputs.
+    """
+    if model.training:
+        raise ValueError("prepare_ptq: the model is in train mode; call model.eval() first (PTQ folds BN statistics)")
+    mapping = build_qconfig_mapping(spec, qat=False, model=model)
+    with _fx_warnings_silenced():
+        return prepare_fx(copy.deepcopy(model), mapping, _as_tuple(example_inputs), backend_config=_backend_config())
+
+
+def _never_observed(module: nn.Module) -> bool:
+    """Whether an observer (or a fake quant's observer) has not seen any data yet."""
+    observer = module.activation_post_process if isinstance(module, FakeQuantizeBase) else module
+    min_val = getattr(observer, "min_val", None)
+    return isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).any()))
+
+
+def _unobserved(prepared: nn.Module) -> list[str]:
+    """Names of fake quants and standalone observers that have not seen data yet.
+
+    PTQ weight observers do not exist before `convert_fx` creates and runs them, so everything
+    listed here is an activation observer or a QAT fake quant.
+    """
+    inner = {id(m.activation_post_process) for m in prepared.modules() if isinstance(m, FakeQuantizeBase)}
+    return [
+        name
+        for name, module in prepared.named_modules()
+        if isinstance(module, (FakeQuantizeBase, ObserverBase)) and id(module) not in inner and _never_observed(module)
+    ]
+
+
+@torch.no_grad()
+def _clip_weights_to_fake_quant_range(model: nn.Module) -> None:
+    """Clips each weight to the range its fake quant represents, as the fake quant itself does.
+
+    Once observers are frozen, training can push a weight past its fixed range. The fake
+    quant clips it to ±127 steps; `convert_fx` would quantize it with the dtype's range and
+    give -128 on the negative side. Clipping first makes the int8 weights the fake-quant ones.
+    For conv/linear fused with BN, the fake quant sees the BN-folded weight, w * gamma / std.
+    """
+    for module in model.modules():
+        fake_quant = getattr(module, "weight_fake_quant", None)
+        if not isinstance(fake_quant, FakeQuantizeBase):
+            continue
+        bound = min(-fake_quant.quant_min, fake_quant.quant_max) * fake_quant.scale  # (C_out,) or (1,)
+        if isinstance(module, _BN_FUSED):
+            bound = bound / (module.bn.weight / torch.sqrt(module.bn.running_var + module.bn.eps)).abs()
+        bound = bound.reshape(-1, *([1] * (module.weight.dim() - 1)))
+        module.weight.copy_(torch.maximum(torch.minimum(module.weight, bound), -bound))
+
+
+def convert(prepared: GraphModule) -> GraphModule:
+    """Lowers a prepared (QAT or calibrated PTQ) model to an int8 model for the spec's backend.
+
+    Works on a deep copy, moved to CPU and put in eval mode, so the prepared student can keep
+    training or be evaluated afterwards. The copy's fake-quant observers are frozen and its
+    weights clipped to their fake-quant range first (see the module docstring), so the int8
+    model uses the fake-quant model's qparams and weights.
+
+    Raises:
+        ValueError: Some observer never saw data (no calibration or training forward ran), so
+            its range, and the int8 model, would be meaningless.
+    """
+    missing = _unobserved(prepared)
+    if missing:
+        raise ValueError(
+            f"convert: {len(missing)} observer(s) never saw data (first: {missing[0]!r}); "
+            "run calibration or training forwards before converting"
+        )
+    model = copy.deepcopy(prepared).cpu().eval()
+    set_observer(fake_quant_modules(model), False)
+    _clip_weights_to_fake_quant_range(model)
+    with _fx_warnings_silenced():
+        return convert_fx(model, backend_config=_backend_config())
+
+
+# ---------------------------------------------------------------------------------------------
+# Toggles used by the schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_quant_sites(model: GraphModule) -> list[tuple[str, nn.Module, str]]:
+    """(name, fake quant, owner) in graph order; owner = the model module whose output or weight it quantizes.
+
+    Weight fake quants belong to their conv/linear. An activation fake quant belongs to the
+    nearest module upstream of it in the graph (through neighbour ops, adds and pooling); the
+    model-input quantizer, with only placeholders upstream, to the first module of the graph.
+    """
+    sites: list[tuple[str, nn.Module, str | None]] = []
+    seen: set[int] = set()
+    owner_of_node: dict[torch.fx.Node, tuple[int, str | None]] = {}
+    first_module: str | None = None
+    for index, node in enumerate(model.graph.nodes):
+        owner = None
+        if node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            if isinstance(module, FakeQuantizeBase):
+                owner = _upstream_owner(node, owner_of_node)
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    sites.append((str(node.target), module, owner))
+            else:
+                owner = str(node.target)
+                first_module = first_module or owner
+                for sub_name, sub in module.named_modules():
+                    if isinstance(sub, FakeQuantizeBase) and id(sub) not in seen:
+                        seen.add(id(sub))
+                        sites.append((f"{node.target}.{sub_name}", sub, owner))
+        elif node.op != "placeholder":
+            owner = _upstream_owner(node, owner_of_node)
+        owner_of_node[node] = (index, owner)
+    return [(name, module, owner or first_module or "") for name, module, owner in sites]
+
+
+def _upstream_owner(node: torch.fx.Node, owner_of_node: dict[torch.fx.Node, tuple[int, str | None]]) -> str | None:
+    """Owner of the input defined last in the graph (the deepest one) among those that have an owner."""
+    owned = [owner_of_node[arg] for arg in node.all_input_nodes if owner_of_node[arg][1] is not None]
+    return max(owned)[1] if owned else None
+
+
+def fake_quant_modules(model: GraphModule) -> list[tuple[str, nn.Module]]:
+    """Every fake-quant module of a QAT-prepared model, once each, in graph (depth) order."""
+    return [(name, module) for name, module, _ in _fake_quant_sites(model)]
+
+
+def fake_quant_owners(model: GraphModule) -> list[str]:
+    """For each entry of `fake_quant_modules(model)`, the model module it belongs to (see `_fake_quant_sites`)."""
+    return [owner for _, _, owner in _fake_quant_sites(model)]
+
+
+def set_fake_quant(modules: Sequence[tuple[str, nn.Module]], enabled: bool) -> None:
+    """Turns quantization of the given fake quants on or off (off: identity, observers unaffected)."""
+    for _, module in modules:
+        module.enable_fake_quant(enabled)
+
+
+def set_observer(modules: Sequence[tuple[str, nn.Module]], enabled: bool) -> None:
+    """Lets the given fake quants update their ranges (on) or keeps their qparams fixed (off)."""
+    for _, module in modules:
+        module.enable_observer(enabled)
+
+
+@contextlib.contextmanager
+def observers_disabled(model: GraphModule) -> Iterator[None]:
+    """Freezes all fake-quant observers inside the block and restores each one's state after.
+
+    Observers update in eval mode too; wrap validation in this so held-out data never moves
+    the quantization ranges of the model being trained.
+    """
+    modules = fake_quant_modules(model)
+    states = [bool(module.observer_enabled[0]) for _, module in modules]
+    set_observer(modules, False)
+    try:
+        yield
+    finally:
+        for (_, module), state in zip(modules, states):
+            module.enable_observer(state)
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """Fused conv/linear+BN modules stop updating running statistics and normalise with them.
+
+    PyTorch's QAT recipe does this in the last epochs so the folded weights stop moving. The
+    state survives `model.train()` (the fused modules keep their BN in eval mode).
+    """
+    for module in model.modules():  # not `model.apply(nniqat.freeze_bn_stats)`: it skips LinearBn1d
+        if isinstance(module, _BN_FUSED):
+            module.freeze_bn_stats()
+
+
+def unfreeze_bn_stats(model: nn.Module) -> None:
+    """Undoes `freeze_bn_stats`: BN uses and updates batch statistics again when in train mode."""
+    for module in model.modules():
+        if isinstance(module, _BN_FUSED):
+            module.update_bn_stats()
+            module.train(module.training)  # update_bn_stats forces BN to train mode, even in an eval model
+
+
+def bn_frozen(model: nn.Module) -> bool | None:
+    """Whether every fused BN is frozen; None if the model has no fused BN."""
+    states = [bool(module.freeze_bn) for module in model.modules() if isinstance(module, _BN_FUSED)]
+    return all(states) if states else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_quantized_weighted(module: nn.Module) -> bool:
+    return isinstance(module, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear))
+
+
+def quantized_op_count(int8_model: nn.Module) -> dict[str, int]:
+    """Counts conv/linear modules of a converted model: {'quantized': n, 'float': m}.
+
+    Fused int8 modules (ConvReLU2d, LinearReLU) count as quantized; float conv/linear
+    modules, fused or not, as float.
+    """
+    quantized = sum(_is_quantized_weighted(module) for module in int8_model.modules())
+    return {"quantized": quantized, "float": len(float_op_names(int8_model))}
+
+
+def float_op_names(int8_model: nn.Module) -> list[str]:
+    """Names (as in the float model) of the conv/linear modules a converted model still runs in float.
+
+    A float layer that FX fused with its BN/ReLU is a container whose child 0 is the conv; it
+    is reported under the container's name, which is the conv's name in the float model.
+    """
+    names, inside_fused = [], set()
+    for name, module in int8_model.named_modules():
+        if isinstance(module, nni._FusedModule) and isinstance(module[0], _WEIGHTED):
+            names.append(name)
+            inside_fused.add(id(module[0]))
+        elif isinstance(module, _WEIGHTED) and id(module) not in inside_fused:
+            names.append(name)
+    return names

@@ -1,0 +1,269 @@
+"""The qconfig spec: a small, backend-neutral description of how to quantize a model.
+
+A `QConfigSpec` fully determines the `QConfigMapping` that `qat/fx.py` builds from it, so a
+configuration chosen by hand or by the per-layer search is a YAML file: reviewable in a diff,
+reusable with `train_kd_qat.py qat.qconfig=PATH`. This module knows nothing of
+`torch.ao.quantization`; it names choices (`'per_channel'`, `'histogram'`) and validates them
+once, in `__post_init__`, with errors that say how to fix the value.
+
+The file format is the dict of `QConfigSpec.to_dict()`, e.g.::
+
+    backend: fbgemm
+    weight: per_channel
+    activation_observer: moving_average_minmax
+    reduce_range: true
+    keep_fp32: [encoder.encoder.0.0.convs.0]
+    module_overrides:
+      prediction.head.4.0: {weight: per_tensor, activation_observer: histogram}
+    type_overrides:
+      Linear: {activation_observer: minmax}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "BACKENDS",
+    "WEIGHT_SCHEMES",
+    "ACTIVATION_OBSERVERS",
+    "OVERRIDE_TYPES",
+    "LayerChoice",
+    "QConfigSpec",
+    "SpecError",
+    "load_spec",
+    "save_spec",
+    "spec_from_config",
+]
+
+# Backends whose FX lowering (`convert_fx`) targets x86 CPUs; both use 8-bit weights and the
+# same reduce_range convention. qnnpack (ARM) needs other defaults and is not offered.
+BACKENDS = ("fbgemm", "x86")
+# Weight granularity: one symmetric scale per output channel, or one per tensor.
+WEIGHT_SCHEMES = ("per_channel", "per_tensor")
+# Activation range estimators: EMA of batch min/max (the QAT default), running min/max
+# (exact range of everything seen: good for short calibrations), histogram with an L2-optimal
+# clipping search (PyTorch's PTQ default for fbgemm; slow, and not fused in QAT).
+ACTIVATION_OBSERVERS = ("moving_average_minmax", "minmax", "histogram")
+# Module classes (by `torch.nn` name) that `type_overrides` may name. Only weighted layers:
+# they are the units the per-layer search chooses for.
+OVERRIDE_TYPES = ("Conv1d", "Conv2d", "Linear")
+
+
+class SpecError(ValueError):
+    """A qconfig spec is invalid; the message names the field (and file) and the fix."""
+
+
+def _choice(value: Any, allowed: Sequence[str], where: str) -> None:
+    if value not in allowed:
+        raise SpecError(f"{where}={value!r} is not allowed: use one of {', '.join(map(repr, allowed))}")
+
+
+def _module_name(name: Any, where: str) -> None:
+    if not isinstance(name, str) or not name or name != name.strip() or "" in name.split("."):
+        raise SpecError(f"{where}: {name!r} is not a module name; use a dotted path like 'encoder.encoder.0.0.convs.0'")
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What to change for one module (or module type) relative to the spec's global choice.
+
+    Fields left `None` inherit the global value, so an override states only what differs.
+
+    Attributes:
+        weight: 'per_channel' or 'per_tensor'.
+        activation_observer: One of `ACTIVATION_OBSERVERS`, for the module's output.
+    """
+
+    weight: str | None = None
+    activation_observer: str | None = None
+
+    def validate(self, where: str) -> None:
+        """Raises `SpecError` naming `where` (the override's key) if a value is unknown or both are unset."""
+        if self.weight is None and self.activation_observer is None:
+            raise SpecError(f"{where}: empty override; set weight and/or activation_observer, or remove the entry")
+        if self.weight is not None:
+            _choice(self.weight, WEIGHT_SCHEMES, f"{where}.weight")
+        if self.activation_observer is not None:
+            _choice(self.activation_observer, ACTIVATION_OBSERVERS, f"{where}.activation_observer")
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> LayerChoice:
+        if isinstance(data, LayerChoice):
+            return data
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{where}: expected a mapping like {{weight: per_tensor}}, got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}; allowed: weight, activation_observer")
+        return cls(**data)
+
+
+@dataclass
+class QConfigSpec:
+    """Backend-neutral quantization choices; `qat.fx.build_qconfig_mapping` turns it into a mapping.
+
+    A name in `keep_fp32` or `module_overrides` applies to the module and everything under it;
+    where several names cover a module, the longest wins (so one conv inside a block kept in
+    FP32 can still be quantized). `type_overrides` apply only to modules no name covers, and
+    the globals to the rest.
+
+    Attributes:
+        backend: Quantized engine the converted model targets ('fbgemm' or 'x86').
+        weight: Global weight granularity, 'per_channel' (PyTorch's fbgemm default: one scale
+            per output channel, much less error for layers whose channels differ in range) or
+            'per_tensor'.
+        activation_observer: Global activation range estimator, one of `ACTIVATION_OBSERVERS`.
+        reduce_range: Quantize activations to 7 bits (0..127). fbgemm's default: on x86 CPUs
+            without VNNI, int8 GEMMs add pairs of u8*s8 products in int16, which can saturate
+            with 8-bit activations; 7 bits keep every pair below 2^15. The guard holds only
+            inside the calibrated ranges: int8 tensors are quint8, so a value beyond its
+            observed maximum reaches up to 255 in the int8 model (the fake quant clips it at
+            127). Turn off only for deployment on VNNI CPUs, for one more bit of precision.
+        keep_fp32: Module names left in floating point (with every submodule), e.g.
+            'encoder.encoder.0.0.convs.0'. Names are those of the float model.
+        module_overrides: Per module name, what differs from the globals.
+        type_overrides: Per module type (`OVERRIDE_TYPES`, e.g. 'Linear'), what differs.
+    """
+
+    backend: str = "fbgemm"
+    weight: str = "per_channel"
+    activation_observer: str = "moving_average_minmax"
+    reduce_range: bool = True
+    keep_fp32: list[str] = field(default_factory=list)
+    module_overrides: dict[str, LayerChoice] = field(default_factory=dict)
+    type_overrides: dict[str, LayerChoice] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice(self.backend, BACKENDS, "backend")
+        _choice(self.weight, WEIGHT_SCHEMES, "weight")
+        _choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
+        if not isinstance(self.reduce_range, bool):
+            raise SpecError(f"reduce_range={self.reduce_range!r}: use true or false")
+        if isinstance(self.keep_fp32, str) or not isinstance(self.keep_fp32, Sequence):
+            raise SpecError(f"keep_fp32={self.keep_fp32!r}: use a list of module names, e.g. [encoder.encoder.0.0]")
+        self.keep_fp32 = list(self.keep_fp32)
+        for name in self.keep_fp32:
+            _module_name(name, "keep_fp32")
+        duplicates = sorted({n for n in self.keep_fp32 if self.keep_fp32.count(n) > 1})
+        if duplicates:
+            raise SpecError(f"keep_fp32 lists {duplicates} more than once; list each module once")
+        self.module_overrides = self._overrides(self.module_overrides, "module_overrides")
+        for name in self.module_overrides:
+            _module_name(name, "module_overrides")
+        both = sorted(set(self.keep_fp32) & set(self.module_overrides))
+        if both:
+            raise SpecError(f"{both} are both in keep_fp32 and module_overrides; keep each module in one of them")
+        self.type_overrides = self._overrides(self.type_overrides, "type_overrides")
+        for name in self.type_overrides:
+            _choice(name, OVERRIDE_TYPES, "type_overrides key")
+
+    @staticmethod
+    def _overrides(value: Any, where: str) -> dict[str, LayerChoice]:
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{where}={value!r}: use a mapping from name to {{weight: ..., activation_observer: ...}}")
+        out = {key: LayerChoice.from_dict(choice, f"{where}[{key!r}]") for key, choice in value.items()}
+        for key, choice in out.items():
+            choice.validate(f"{where}[{key!r}]")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (str, bool, list, dict), in field order: what `save_spec` writes."""
+        return {
+            "backend": self.backend,
+            "weight": self.weight,
+            "activation_observer": self.activation_observer,
+            "reduce_range": self.reduce_range,
+            "keep_fp32": list(self.keep_fp32),
+            "module_overrides": {k: v.to_dict() for k, v in self.module_overrides.items()},
+            "type_overrides": {k: v.to_dict() for k, v in self.type_overrides.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QConfigSpec:
+        """Builds a spec from `to_dict()`'s format; missing keys take the defaults, unknown keys fail."""
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a qconfig spec must be a mapping of its fields, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(SPEC_KEYS))
+        if unknown:
+            raise SpecError(f"unknown key(s) {unknown}; a qconfig spec has only {', '.join(SPEC_KEYS)}")
+        data = {key: value for key, value in _plain(data).items() if value is not None}  # `key:` alone = default
+        return cls(**data)
+
+
+SPEC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(QConfigSpec))
+
+
+def _plain(value: Any) -> Any:
+    """Mappings → dict and sequences → list, recursively, so OmegaConf containers validate like YAML."""
+    if isinstance(value, LayerChoice):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_spec(path: str | os.PathLike) -> QConfigSpec:
+    """Reads a spec YAML file; every failure names the file.
+
+    Raises:
+        SpecError: Missing file, unparsable YAML, a non-mapping document, or an invalid field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"qconfig spec {path}: no such file; pass the path of an existing spec YAML")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"qconfig spec {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    try:
+        return QConfigSpec.from_dict({} if data is None else data)
+    except SpecError as err:
+        raise SpecError(f"qconfig spec {path}: {err}") from None
+
+
+def save_spec(spec: QConfigSpec, path: str | os.PathLike) -> Path:
+    """Writes `spec` as YAML atomically (temporary file in the same folder, then `os.replace`).
+
+    Atomic so a search killed mid-write never leaves a truncated spec that a later training run
+    would read as a different configuration.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def spec_from_config(cfg: Mapping[str, Any]) -> QConfigSpec:
+    """The spec a `qat` config group describes.
+
+    `cfg.qconfig` null: the spec fields written inline in the group (`backend`, `weight`, ...);
+    other keys of the group (schedule, calibration) are ignored here. `cfg.qconfig` a path: that
+    file, which replaces the inline fields entirely (a searched spec is used exactly as written).
+    """
+    path = cfg.get("qconfig")
+    if path:
+        return load_spec(path)
+    return QConfigSpec.from_dict({key: cfg[key] for key in SPEC_KEYS if key in cfg})
