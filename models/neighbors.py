@@ -9,6 +9,10 @@ These functions contain data-dependent Python (loops, shape arithmetic), so they
 traced op by op: `models/pointnext.py` declares the composite ops below (`sample_and_group`,
 `group_all`, `default_features`) as `torch.fx.wrap` leaves, and the quantizer sees only the
 convolution / BN / ReLU / add graph between them. Index tensors never leave a leaf.
+
+Each stage runs under a profiler label (`neighbors::fps`, `neighbors::ball_query`,
+`neighbors::group`), which survives TorchScript, so `tools/benchmark.py` can attribute time
+to neighbour search in every inference path, the int8 artifact included.
 """
 from __future__ import annotations
 
@@ -185,9 +189,11 @@ def sample_and_group(
         branch input); grouped (B, 3 + C, M, K), relative positions then neighbour features
         (OpenPoints' `dp_fj`).
     """
-    idx = furthest_point_sample(xyz, xyz.shape[1] // stride)  # (B, M)
-    new_xyz = torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
-    center_feats = torch.gather(feats, 2, idx.unsqueeze(1).expand(-1, feats.shape[1], -1))
+    with torch.autograd.profiler.record_function("neighbors::fps"):
+        idx = furthest_point_sample(xyz, xyz.shape[1] // stride)  # (B, M)
+    with torch.autograd.profiler.record_function("neighbors::group"):
+        new_xyz = torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
+        center_feats = torch.gather(feats, 2, idx.unsqueeze(1).expand(-1, feats.shape[1], -1))
     grouped = _group_dp_fj(new_xyz, xyz, feats, radius, nsample, normalize_dp)
     return new_xyz, center_feats, grouped
 
@@ -204,11 +210,13 @@ def local_group(xyz: Tensor, feats: Tensor, radius: float, nsample: int, normali
 def _group_dp_fj(
     query_xyz: Tensor, support_xyz: Tensor, feats: Tensor, radius: float, nsample: int, normalize_dp: bool
 ) -> Tensor:
-    idx = ball_query(radius, nsample, support_xyz, query_xyz)  # (B, M, K)
-    dp = group_gather(support_xyz.transpose(1, 2), idx) - query_xyz.transpose(1, 2).unsqueeze(-1)
-    if normalize_dp:
-        dp = dp / radius
-    return torch.cat([dp, group_gather(feats, idx)], dim=1)
+    with torch.autograd.profiler.record_function("neighbors::ball_query"):
+        idx = ball_query(radius, nsample, support_xyz, query_xyz)  # (B, M, K)
+    with torch.autograd.profiler.record_function("neighbors::group"):
+        dp = group_gather(support_xyz.transpose(1, 2), idx) - query_xyz.transpose(1, 2).unsqueeze(-1)
+        if normalize_dp:
+            dp = dp / radius
+        return torch.cat([dp, group_gather(feats, idx)], dim=1)
 
 
 def group_all(xyz: Tensor, feats: Tensor) -> Tensor:
@@ -217,7 +225,8 @@ def group_all(xyz: Tensor, feats: Tensor) -> Tensor:
     Returns:
         (B, 3 + C, 1, N): positions (not relative, as OpenPoints' `GroupAll`) then features.
     """
-    return torch.cat([xyz.transpose(1, 2), feats], dim=1).unsqueeze(2)
+    with torch.autograd.profiler.record_function("neighbors::group"):
+        return torch.cat([xyz.transpose(1, 2), feats], dim=1).unsqueeze(2)
 
 
 def default_features(xyz: Tensor, feats: Tensor | None) -> Tensor:
