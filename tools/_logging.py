@@ -75,16 +75,17 @@ class RunLogger:
     def console(self, message: str) -> None:
         tqdm.write(message)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One record: to log.jsonl, to W&B, and a compact line to the console."""
-        record = {"step": step, **metrics}
+        record = {"step": step, **metrics} if step is not None else dict(metrics)
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({**metrics, "trainer/step": step})  # W&B steps must grow; phases restart theirs
+            # W&B's own step must only grow, while each phase restarts its optimizer step.
+            self.wandb_run.log(metrics if step is None else {**metrics, "trainer/step": step})
         if any("val/" in key or "test/" in key or key.endswith("epoch") for key in metrics):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            self.console(f"[step {step}] {shown}")
+            self.console(f"[step {step}] {shown}" if step is not None else shown)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.wandb_run is not None:

@@ -61,7 +61,11 @@ def run(cfg: DictConfig) -> None:
     student = P.init_student(cfg, d, teacher)
     metrics = quantize(cfg.mode, cfg, d, student, teacher, run_dir, logger, device)
     P.write_json(run_dir / "metrics.json", metrics)
-    logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    final = {"test/oa_int8": metrics["oa"], "test/macc_int8": metrics["macc"], "test/oa_fp32": metrics["fp32"]["oa"],
+             "test/oa_fakequant": metrics["fakequant"]["oa"], "test/size_mb_int8": metrics["size_mb"],
+             "test/latency_ms_int8_batch_1": metrics["latency_ms"]["batch_1"]}
+    logger.log(final)
+    logger.summary(final)
     logger.finish()
     rows = [("teacher FP32", metrics["teacher"])] if "teacher" in metrics else []
     print_results_table(rows + [("student FP32 (init)", metrics["fp32"]), ("student fake-quant", metrics["fakequant"]),
