@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from qat import QConfigSpec, QuantSchedule, load_spec, spec_from_config
 from qat.spec import SPEC_KEYS
@@ -33,10 +34,11 @@ def test_qat_option_builds_a_valid_spec_and_schedule(option):
     assert cfg.calib_batches >= 1
 
 
-def test_default_option_is_the_default_spec_with_observers_and_bn_frozen_in_the_last_of_3_epochs():
+def test_default_option_is_the_default_spec_with_observers_and_bn_frozen_in_the_last_epoch():
     cfg = qat_group("default")
+    last_epoch = OmegaConf.load(CONFIGS / "train_kd_qat.yaml").train.epochs - 1
     assert spec_from_config(cfg) == QConfigSpec()
-    assert QuantSchedule.from_config(cfg) == QuantSchedule(freeze_observer_epoch=2, freeze_bn_epoch=2)
+    assert QuantSchedule.from_config(cfg) == QuantSchedule(freeze_observer_epoch=last_epoch, freeze_bn_epoch=last_epoch)
 
 
 def test_per_tensor_option_changes_only_the_weight_granularity():
