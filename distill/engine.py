@@ -217,9 +217,11 @@ class Engine:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        generator = getattr(self.train_loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(self.config.seed + epoch)
+        # Every generator the loader owns (order; the sampler's augmentation seeds) restarts from
+        # (seed, epoch), each on its own stream, so epoch e's batches do not depend on history.
+        generators = [getattr(self.train_loader, "generator", None), getattr(sampler, "generator", None)]
+        for stream, generator in enumerate(g for g in generators if g is not None):
+            generator.manual_seed((self.config.seed + epoch) * 1_000_003 + stream)
         self.student.train()
         state: dict[str, float] = {}
         for hook in self.hooks:

@@ -1,14 +1,22 @@
 """The engine on tiny in-memory data: modes, hooks, checkpoints, resume, non-finite losses."""
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from data import build_loader
 
 from distill import DistillationLoss, Engine, EngineConfig, FrozenTeacher, NonFiniteLossError
 from models import create_model
 
 
 class Blobs(Dataset):
-    """Two classes of clouds: a small and a large blob (learnable in a few steps)."""
+    """Two classes of clouds: a small and a large blob (learnable in a few steps).
+
+    Like `data.PointCloudDataset`, items fetched as `(index, seed)` augment with their own
+    generator, so `data.build_loader` pins augmentation down per sample.
+    """
+
+    accepts_seeded_keys = True
 
     def __init__(self, n=16, points=64, seed=0):
         gen = torch.Generator().manual_seed(seed)
@@ -18,13 +26,15 @@ class Blobs(Dataset):
     def __len__(self):
         return len(self.label)
 
-    def __getitem__(self, i):
-        xyz = self.xyz[i] + 0.01 * torch.randn(self.xyz[i].shape)  # augmentation draws from the global RNG
-        return {"xyz": xyz, "feats": xyz.t().contiguous(), "label": self.label[i]}
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        xyz = self.xyz[index] * (1 + 0.2 * torch.rand((), generator=gen))  # augmentation: a random scale
+        return {"xyz": xyz, "feats": xyz.t().contiguous(), "label": self.label[index]}
 
 
 def loader(shuffle=True):
-    return DataLoader(Blobs(), batch_size=4, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+    return build_loader(Blobs(), batch_size=4, shuffle=shuffle, seed=0)
 
 
 def tiny():
