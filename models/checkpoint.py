@@ -6,6 +6,8 @@ arbitrary objects (and could run code doing so) is refused, never executed.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,15 +29,28 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file; check the path (teacher.ckpt / pretrained)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "looks like a TorchScript archive" notice: handled below
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # Name the offending global if torch says which, but never pass on its hint to retry
+        # with weights_only=False: that is exactly what must not be done with an unknown file.
+        if "Unsupported operand" in str(err):  # not a pickle at all
+            raise CheckpointError(f"checkpoint {path}: unreadable, not a PyTorch checkpoint; check the path") from None
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
+        detail = f" ({found.group(0)})" if found else ""
         raise CheckpointError(
             f"checkpoint {path}: refused, it holds objects that safe loading (weights_only=True) will not "
-            f"unpickle ({first_line}); re-save it as a plain state dict"
+            f"unpickle{detail}; re-save it as a plain state dict (an int8 artifact loads with tools/evaluate.py)"
         ) from None
-    except Exception as err:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(err).__name__}: {err}); re-download or re-save it") from None
+    except Exception as err:  # truncated zip, not a torch file, a TorchScript archive, ...
+        if "TorchScript" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path}: this is a TorchScript archive (an int8 artifact?), not a checkpoint; "
+                "evaluate it with tools/evaluate.py checkpoint=PATH"
+            ) from None
+        first = str(err).strip().split(". ")[0][:200]
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(err).__name__}: {first}); re-download or re-save it") from None
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
     return dict(ckpt)

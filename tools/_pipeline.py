@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 
 # Errors that mean "the user's input is wrong": the tools print them as one line and exit 1.
-USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError)
+USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError)
 
 
 # ---- set-up ----------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ int8 row is evaluated by reloading `model_int8.pt` from disk, not from the in-me
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
@@ -16,7 +18,7 @@ from qat.export import export_int8, file_size_mb, load_int8
 
 import _pipeline as P
 
-__all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table"]
+__all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table", "save_confusion_png"]
 
 
 def fp32_figures(model: nn.Module, cfg: DictConfig, d: P.Data) -> dict[str, Any]:
@@ -41,15 +43,18 @@ def quantized_run_metrics(
     teacher: nn.Module | None = None,
     schedule: Any = None,
     history: list | None = None,
+    fp32_reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Converts, exports and measures a prepared (QAT or calibrated PTQ) model.
 
     Returns the metrics.json payload: the int8 figures at top level, `fp32` (the model that was
     quantized), `teacher` (when distilling), `fakequant` (the prepared model, for QAT methods).
+    `fp32_reference`: FP32 figures already measured in this process (compare), so that every
+    method's ratios divide by the same FP32 measurement as the compare table does.
     """
     metrics: dict[str, Any] = {"method": method, "model": cfg.model.name, "width": cfg.model.width,
                                "dataset": cfg.dataset.name, "seed": cfg.seed, "num_points": d.num_points}
-    metrics["fp32"] = fp32_figures(fp32_model, cfg, d)
+    metrics["fp32"] = fp32_reference or fp32_figures(fp32_model, cfg, d)
     if teacher is not None:
         metrics["teacher"] = P.evaluate(teacher.cpu().eval(), d) | {"model": cfg.teacher.model, "width": cfg.teacher.width}
         metrics["teacher"].pop("per_class", None), metrics["teacher"].pop("confusion", None)
@@ -131,3 +136,39 @@ def compare_table(results: dict[str, dict[str, Any]], eval_batch: int) -> tuple[
     markdown += f"\n\nLatency: median CPU ms, {threads} threads, {fp32['num_points']} points.\n"
     csv = "\n".join(",".join(row) for row in [header, *rows]) + "\n"
     return markdown, csv
+
+
+def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path: Path, title: str) -> None:
+    """Confusion matrix as a PNG, rows = true class, columns = predicted, cells = row percentages.
+
+    Row-normalised so a rare class reads as clearly as a frequent one; counts are written in
+    the cells while they stay legible (up to 20 classes). Written atomically (temp file + rename).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    counts = confusion.double()
+    share = 100 * counts / counts.sum(dim=1, keepdim=True).clamp_min(1)  # (K, K) percent of each true class
+    k = len(class_names)
+    side = max(4.0, 0.32 * k + 2)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class")
+    ax.set_xticks(range(k), list(class_names), rotation=90, fontsize=7)
+    ax.set_yticks(range(k), list(class_names), fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j] > 0:
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if share[i, j] > 50 else "black")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

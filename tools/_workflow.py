@@ -42,6 +42,7 @@ def quantize(
     run_dir: Path,
     logger: RunLogger,
     device: torch.device,
+    fp32_reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Applies `method` to `fp32_model` and returns its metrics.json payload (written by the caller).
 
@@ -50,6 +51,7 @@ def quantize(
         fp32_model: The model to quantize (the student's FP32 weights).
         teacher: The FP32 teacher (used by kd_qat only).
         run_dir: Where this method's checkpoints and artifact go.
+        fp32_reference: FP32 figures measured earlier in this process, reused as the reference.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     if method == "fp32":
@@ -61,7 +63,7 @@ def quantize(
         qat.calibrate(prepared, calibration_loader(cfg), forward_fn=lambda m, b: m(b["xyz"], b["feats"]),
                       max_batches=cfg.qat.calib_batches)
         return quantized_run_metrics(cfg, d, method="static", prepared=prepared, fp32_model=fp32_model,
-                                     run_dir=run_dir)
+                                     run_dir=run_dir, fp32_reference=fp32_reference)
     if method not in ("qat", "kd_qat"):
         raise P.ConfigError(f"method={method}: use one of {', '.join(METHODS)} or compare")
     prepared = P.prepare_student(fp32_model, cfg, d).to(device)
@@ -73,4 +75,4 @@ def quantize(
                           alpha=alpha, hooks=(schedule,), tag="fakequant")
     return quantized_run_metrics(cfg, d, method=method, prepared=prepared.cpu(), schedule=schedule,
                                  fp32_model=fp32_model, teacher=teacher if alpha > 0 else None, run_dir=run_dir,
-                                 history=engine.history)
+                                 history=engine.history, fp32_reference=fp32_reference)

@@ -60,7 +60,9 @@ def run(cfg: DictConfig) -> None:
         logger.console(f"---- {method}")
         seed_everything(cfg.seed)
         method_dir = run_dir / method if len(methods) > 1 else run_dir
-        results[method] = quantize(method, cfg, d, P.init_student(cfg, d, fp32), fp32, method_dir, logger, device)
+        reference = {k: results["fp32"][k] for k in ("oa", "macc", "size_mb", "latency_ms")} if "fp32" in results else None
+        results[method] = quantize(method, cfg, d, P.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
+                                   fp32_reference=reference)
         P.write_json(method_dir / "metrics.json", results[method])
 
     # ---- report ---------------------------------------------------------------------------------
