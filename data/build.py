@@ -47,6 +47,8 @@ def _load(name: str, c: dict[str, Any], split: str) -> CloudSplit:
         try:
             gen = SyntheticConfig(**{k: int(c[k]) for k in ("seed", "train_per_class", "test_per_class",
                                                              "points_per_shape") if k in c})
+        except DataError:
+            raise
         except (TypeError, ValueError) as e:
             raise DataError(f"dataset (synthetic): bad generator setting ({e}); use integers") from None
         if gen.points_per_shape < num_points:

@@ -145,6 +145,13 @@ def test_unwritable_cache_root_is_a_data_error(tmp_path):
         ensure_synthetic(blocker / "synthetic", TINY)
 
 
+def test_bad_generator_settings_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="dataset.train_per_class=0"):
+        build_dataset(syn_cfg(tmp_path, train_per_class=0), "train")
+    with pytest.raises(ValueError, match="use integers"):
+        build_dataset(syn_cfg(tmp_path, seed="abc"), "train")
+
+
 def test_num_points_above_points_per_shape_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="dataset.points_per_shape"):
         build_dataset(syn_cfg(tmp_path, num_points=256), "train")

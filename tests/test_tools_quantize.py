@@ -1,0 +1,112 @@
+"""`tools/quantize.py` end to end on a tiny synthetic configuration: each method, and compare's table."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset.train_per_class=6", "dataset.test_per_class=2", "dataset.num_points=128",
+    "model.width=8", "teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=16",
+    "bench.repeats=1", "train.num_workers=0",
+]
+
+
+def run_quantize(workdir: Path, run_dir: Path, *overrides: str) -> Path:
+    env = {"KDQAT_CACHE": str(workdir / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(workdir)}
+    cmd = [sys.executable, str(ROOT / "tools" / "quantize.py"), *TINY, f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quantize")
+
+
+@pytest.fixture(scope="module")
+def compare_run(workdir) -> Path:
+    """One `method=compare` run (it trains the FP32 teacher, which the method runs below reuse)."""
+    return run_quantize(workdir, workdir / "compare", "method=compare")
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["static", "qat", "kd_qat"])
+def test_method_quantizes_the_given_checkpoint_into_a_measured_int8_artifact(workdir, compare_run, method):
+    pretrained = compare_run / "teacher" / "final.pt"  # ours: {'model': sd, 'epochs'}
+    if method == "static":  # the same weights as OpenPoints saves them: DDP's 'module.' prefix, its own entries
+        ours = torch.load(pretrained, weights_only=True)["model"]
+        pretrained = workdir / "openpoints_ckpt.pth"
+        torch.save({"model": {f"module.{k}": v for k, v in ours.items()}, "epoch": 1, "best_val": 0.0}, pretrained)
+    run = run_quantize(workdir, workdir / method, f"method={method}", f"pretrained={pretrained}")
+    for name in ("config.yaml", "metrics.json", "model_int8.pt", "model_int8.json"):
+        assert (run / name).is_file(), name
+    assert (run / "student" / "last.pt").is_file() == (method != "static")  # static PTQ trains nothing
+    assert not (run / "teacher").exists()  # the FP32 model came from pretrained=, nothing was trained
+    m = read_metrics(run)
+    assert m["method"] == method and m["dataset"] == "synthetic" and m["num_points"] == 128
+    assert 0 <= m["oa"] <= 100 and 0 <= m["macc"] <= 100
+    assert m["size_mb"] == pytest.approx((run / "model_int8.pt").stat().st_size / 1e6)  # the file on disk
+    assert m["size_mb"] < m["fp32"]["size_mb"]
+    assert m["quantized_ops"]["float"] == 0
+    assert {"batch_1", "batch_16", "threads"} <= m["latency_ms"].keys()
+    assert ("fakequant" in m) == (method != "static")
+    assert ("teacher" in m) == (method == "kd_qat")  # only KD-QAT distils
+    sidecar = json.loads((run / "model_int8.json").read_text())
+    assert sidecar["method"] == method and sidecar["num_points"] == 128 and len(sidecar["class_names"]) == 16
+    # the same FP32 weights as compare's, so the same FP32 figures; static PTQ is deterministic, so the same int8 too
+    compared = read_metrics(compare_run / method)
+    assert (m["fp32"]["oa"], m["fp32"]["macc"]) == (compared["fp32"]["oa"], compared["fp32"]["macc"])
+    if method == "static":
+        assert (m["oa"], m["macc"], m["per_class_acc"]) == (compared["oa"], compared["macc"], compared["per_class_acc"])
+
+
+@pytest.mark.slow
+def test_compare_writes_one_run_per_method_and_the_table(compare_run):
+    for name in ("config.yaml", "compare.md", "compare.csv", "teacher/final.pt", "fp32/metrics.json"):
+        assert (compare_run / name).is_file(), name
+    for method in ("static", "qat", "kd_qat"):
+        for name in ("metrics.json", "model_int8.pt", "model_int8.json"):
+            assert (compare_run / method / name).is_file(), f"{method}/{name}"
+        assert read_metrics(compare_run / method)["method"] == method
+
+
+@pytest.mark.slow
+def test_compare_table_cells_are_the_numbers_of_each_methods_metrics_json(compare_run):
+    rows = list(csv.reader((compare_run / "compare.csv").read_text().splitlines()))
+    header, body = rows[0], rows[1:]
+    assert [row[0] for row in body] == ["fp32", "static", "qat", "kd_qat"]
+    fp32 = read_metrics(compare_run / "fp32")
+    for row in body:
+        m = read_metrics(compare_run / row[0])
+        cell = dict(zip(header, row))
+        assert float(cell["OA %"]) == pytest.approx(m["oa"], abs=0.005)
+        assert float(cell["mAcc %"]) == pytest.approx(m["macc"], abs=0.005)
+        assert float(cell["size MB"]) == pytest.approx(m["size_mb"], abs=0.0005)
+        assert float(cell["size ratio"]) == pytest.approx(m["size_mb"] / fp32["size_mb"], abs=0.0005)
+        assert float(cell["ms b=1"]) == pytest.approx(m["latency_ms"]["batch_1"], abs=0.05)
+        assert float(cell["ms b=16"]) == pytest.approx(m["latency_ms"]["batch_16"], abs=0.05)
+        assert float(cell["speed-up b=16"]) == pytest.approx(
+            fp32["latency_ms"]["batch_16"] / m["latency_ms"]["batch_16"], abs=0.005)
+        assert float(cell["ΔOA pts"]) == pytest.approx(m["oa"] - fp32["oa"], abs=0.005)
+    markdown = (compare_run / "compare.md").read_text().splitlines()
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in markdown if line.startswith("| ")]
+    assert table == rows  # the Markdown and CSV tables hold the same cells
+
+
+@pytest.mark.slow
+def test_compare_quantizes_every_method_from_the_same_fp32_model(compare_run):
+    fp32 = read_metrics(compare_run / "fp32")
+    for method in ("static", "qat", "kd_qat"):
+        reference = read_metrics(compare_run / method)["fp32"]
+        assert (reference["oa"], reference["macc"], reference["size_mb"]) == (fp32["oa"], fp32["macc"], fp32["size_mb"])
