@@ -3,7 +3,7 @@
 It sees each cloud only through summary numbers that ignore where parts are (moments of
 height and radial distance, covariance eigenvalues, a histogram of distances to the centre),
 all invariant to the rotation about the up axis the benchmark applies. Its test accuracy is
-the bar a point-cloud network must clear to show it uses local geometry; `data/SYNTHETIC.md`
+the bar a point-cloud network must clear to show it uses local geometry; the README
 reports it. Hand-written in torch (softmax regression, full-batch L-BFGS) because the project
 does not depend on scikit-learn.
 

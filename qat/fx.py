@@ -494,3 +494,69 @@ def float_op_names(int8_model: nn.Module) -> list[str]:
         elif isinstance(module, _WEIGHTED) and id(module) not in inside_fused:
             names.append(name)
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric suite: per-layer comparisons for qat/sensitivity.py (added with the qconfig search)
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_output_sqnr(
+    prepared: GraphModule, int8_model: GraphModule, batches: Sequence[Sequence[Any]]
+) -> dict[str, float]:
+    """SQNR (dB) of every int8 conv/linear unit's output against the same unit of the FP32 model.
+
+    torch.ao's numeric suite (`add_loggers` with `OutputLogger`) matches the subgraphs of the
+    calibrated prepared model, whose observers leave FP32 numerics untouched, with those of its
+    conversion, and logs their outputs as both run on the same inputs; errors made upstream
+    propagate, as in deployment. The SQNR of a unit is 10·log10(Σ x² / Σ (x − x̂)²) over all
+    batches, x the FP32 output and x̂ the dequantized int8 one: `compute_sqnr` of the suite on
+    the concatenated outputs. A unit is named by its conv/linear as in the float model (a fused
+    conv+BN+ReLU by the conv); units left in float are not reported. The loggers keep every
+    output of every batch in memory: pass a few clouds.
+
+    Args:
+        prepared: Output of `prepare_ptq` after calibration (the FP32 reference).
+        int8_model: `convert(prepared)`.
+        batches: Positional inputs per batch, e.g. [(xyz, feats)].
+
+    Returns:
+        {layer name: SQNR in dB}, `inf` where the int8 output is exact.
+    """
+    from unittest import mock
+
+    from torch.ao.ns import _numeric_suite_fx as ns  # imported here: only the search needs it
+    from torch.ao.ns.fx import graph_matcher, pattern_utils
+
+    # The suite's graph matcher rebuilds the whole native backend config for every node it visits
+    # (`get_reversed_fusions()`, ~2/3 of the call); its result is constant, so compute it once.
+    fusions = pattern_utils.get_reversed_fusions()
+    with _fx_warnings_silenced(), mock.patch.object(graph_matcher, "get_reversed_fusions", lambda: fusions):
+        # the suite traces both models into new graph modules and leaves the ones given untouched
+        logged_fp32, logged_int8 = ns.add_loggers(
+            "fp32", prepared.eval(), "int8", int8_model.eval(), ns.OutputLogger
+        )
+        with torch.no_grad():
+            for batch in batches:
+                logged_fp32(*batch)
+                logged_int8(*batch)
+        results = ns.extract_logger_info(logged_fp32, logged_int8, ns.OutputLogger, "int8")
+    target_of = {node.name: str(node.target) for node in logged_int8.graph.nodes if node.op == "call_module"}
+    quantized = {name for name, module in int8_model.named_modules() if _is_quantized_weighted(module)}
+    sqnr: dict[str, float] = {}
+    for entry in results.values():
+        test, ref = entry["node_output"]["int8"][0], entry["node_output"]["fp32"][0]
+        layer = target_of.get(test["ref_node_name"])
+        if layer not in quantized or not test["values"]:
+            continue
+        signal = noise = 0.0
+        for x, y in zip(ref["values"], test["values"]):
+            x = (x.dequantize() if x.is_quantized else x).double()
+            y = (y.dequantize() if y.is_quantized else y).double()
+            signal += float(x.pow(2).sum())
+            noise += float((x - y).pow(2).sum())
+        sqnr[layer] = float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+    return sqnr
+
+
+__all__ += ["layer_output_sqnr"]
