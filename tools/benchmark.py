@@ -120,8 +120,17 @@ def _sweep_child(args: tuple) -> dict[str, float]:
         model = torch.jit.load(io.BytesIO(blob))
         with torch.no_grad():
             results[f"{name}_ms"] = time_call(lambda: model(xyz, feats), repeats, warmup=2)["median"]
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_rss_mb"] = _peak_rss_mb()
     return results
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across the
+    execve of a spawned child, so it would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def size_sweep(paths: dict[str, torch.nn.Module], cfg: DictConfig) -> dict[str, list]:
