@@ -1,0 +1,143 @@
+"""`tools/search_qconfig.py`: its helpers, and the tool end to end on a tiny synthetic configuration."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import search_qconfig as tool  # noqa: E402
+from qat.search import Budget, greedy_search  # noqa: E402
+from test_qat_search import fp32_count_latency  # noqa: E402
+from test_qat_sensitivity import fragile_analysis  # noqa: E402
+
+TINY = [
+    "dataset.train_per_class=6", "dataset.test_per_class=3", "dataset.num_points=128",
+    "model.width=8", "teacher.epochs=1", "train.batch_size=16", "train.eval_batch_size=16",
+    "train.num_workers=0", "bench.threads=1", "search.latency_repeats=2", "search.options=[fp32,act:minmax]",
+]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tool(tmp_path: Path, *overrides: str, run_dir: str = "run", check: bool = True) -> subprocess.CompletedProcess:
+    # one thread: two OpenMP threads spin against each other on a busy 2-core machine
+    env = {"KDQAT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tools" / "search_qconfig.py"), *TINY, f"hydra.run.dir={tmp_path / run_dir}",
+           *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("search")
+    run_tool(tmp_path)
+    return tmp_path / "run"
+
+
+# ---- helpers (fast) ---------------------------------------------------------------------------
+def test_reused_neighbourhoods_give_the_same_logits_and_restore_the_functions():
+    from models import create_model, neighbors
+
+    originals = neighbors.furthest_point_sample, neighbors.ball_query
+    model = create_model("pointnext-s", num_classes=4, width=8).eval()
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(0))
+    memo = {}
+    with torch.no_grad():
+        plain = model(xyz)
+        with tool.reused_neighbourhoods(memo=memo):
+            first = model(xyz)
+        filled = len(memo)  # one FPS and one ball query per set abstraction that samples
+        with tool.reused_neighbourhoods(memo=memo):
+            again = model(xyz.clone())  # served from the memo: equal bytes, another tensor
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert filled == 8 and len(memo) == filled
+    assert (neighbors.furthest_point_sample, neighbors.ball_query) == originals
+
+
+def test_plots_and_tables_are_written_for_a_search(tmp_path):
+    _, proxy, sensitivity = fragile_analysis()
+    result = greedy_search(proxy, sensitivity, Budget(max_fp32_layers=1), fp32_count_latency)
+    fp32 = {"latency_ms": 10.0, "size_mb": 1.0, "accuracy": 100.0}
+    tool.plot_sensitivity(sensitivity, tmp_path / "sensitivity.png")
+    tool.plot_pareto(result, fp32, {"batch": 1, "threads": 1}, tmp_path / "pareto.png")
+    for name in ("sensitivity.png", "pareto.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    rows = list(csv.DictReader(tool.csv_table(sensitivity.rows()).splitlines()))
+    assert [row["layer"] for row in rows] == [layer.name for layer in sensitivity.ranking()]
+
+
+# ---- the tool end to end (slow) -----------------------------------------------------------------
+@pytest.mark.slow
+def test_run_directory_holds_the_spec_the_report_and_the_plots(finished_run):
+    run = finished_run
+    for name in ("config.yaml", "qconfig.yaml", "sensitivity.md", "sensitivity.csv", "search.json"):
+        assert (run / name).is_file(), name
+    for name in ("sensitivity.png", "pareto.png"):
+        assert (run / name).read_bytes().startswith(PNG), name
+    payload = json.loads((run / "search.json").read_text())
+    for key in ("fp32", "all_int8", "chosen", "verdict", "sensitivity", "candidates", "budget", "latency"):
+        assert key in payload, key
+    assert payload["latency"]["threads"] == 1 and payload["chosen"]["reproduced"]["equal"]
+    assert len(payload["sensitivity"]["layers"]) == 18  # every conv/linear of PointNeXt-S
+    assert {"fp32_kl", "act:minmax_kl", "alone_kl", "sqnr_alone_db"} <= payload["sensitivity"]["layers"][0].keys()
+    assert payload["chosen"]["fp32_layers"] <= payload["budget"]["max_fp32_layers"]
+    verdict = payload["verdict"]
+    assert verdict["achieved"] == ((verdict["beats_all_int8"] and verdict["latency_le_fp32"])
+                                   or verdict["no_layer_matters"])
+    assert verdict["statement"] in (run / "sensitivity.md").read_text()
+    assert len(list(csv.DictReader((run / "sensitivity.csv").open()))) == 18
+
+
+@pytest.mark.slow
+def test_written_spec_reproduces_the_reported_accuracy_and_loads_in_train_kd_qat(finished_run):
+    from omegaconf import OmegaConf
+
+    import _pipeline as P
+    import qat
+    from models import load_checkpoint
+    from qat.sensitivity import PTQProxy
+
+    run = finished_run
+    payload = json.loads((run / "search.json").read_text())
+    cfg = OmegaConf.load(run / "config.yaml")
+    d = P.build_data(cfg)
+    model = P.build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
+    load_checkpoint(model, run / "teacher" / "final.pt")
+    calib, select, _ = tool.search_batches(cfg, d)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tool ran
+    try:
+        proxy = PTQProxy(model.eval(), calib, select)  # no neighbour memo here: it must not matter
+        spec = qat.load_spec(run / "qconfig.yaml")
+        scores = proxy.score(proxy.quantize(spec)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert spec.to_dict() == payload["chosen"]["spec"]
+    assert scores.accuracy == payload["chosen"]["accuracy"]
+    assert scores.kl == pytest.approx(payload["chosen"]["kl"], rel=1e-4, abs=1e-9)
+    cfg.qat.qconfig = str(run / "qconfig.yaml")
+    P.validate_config(cfg)  # what tools/train_kd_qat.py qat.qconfig=PATH checks first
+    qat.build_qconfig_mapping(qat.spec_from_config(cfg.qat), qat=True, model=model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("budget.max_fp32_layers=-1", "budget.max_fp32_layers=-1: use an integer >= 0"),
+    ("search.options=[int4]", "option 'int4' is unknown"),
+    ("search.calib_batches=0", "search.calib_batches=0: use an integer >= 1"),
+])
+def test_bad_search_config_fails_with_one_line_before_any_work(tmp_path, override, message):
+    proc = run_tool(tmp_path, override, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "teacher").exists()

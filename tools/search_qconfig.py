@@ -1,0 +1,385 @@
+"""Per-layer quantization sensitivity and a qconfig search for an FP32 PointNeXt.
+
+    python tools/search_qconfig.py                                        # the (cached) synthetic teacher
+    python tools/search_qconfig.py teacher.ckpt=PATH budget.max_fp32_layers=3
+    python tools/search_qconfig.py budget.max_latency_ratio=1.1 budget.max_size_mb=1.0
+    python tools/train_kd_qat.py qat.qconfig=<run dir>/qconfig.yaml       # then KD-QAT with the chosen spec
+
+Static PTQ is the fast proxy (qat/sensitivity.py): every configuration is calibrated on training
+clouds, converted to int8 and scored on a seeded half of the test split (the selection half); the
+other half is held out and only reports the final figures. Writes into the hydra run directory:
+qconfig.yaml (the chosen spec, reloaded and re-scored before the run ends), sensitivity.md /
+sensitivity.csv (layers ranked), sensitivity.png, pareto.png (accuracy vs latency and size of every
+configuration evaluated), search.json (everything measured), config.yaml (resolved), and
+log.jsonl + teacher/ when the FP32 model was trained in this run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
+
+import hydra  # noqa: E402
+import matplotlib  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+import data  # noqa: E402
+import qat  # noqa: E402
+from distill import seed_everything  # noqa: E402
+from models import neighbors  # noqa: E402
+from qat.search import Budget, Candidate, SearchResult, greedy_search, pareto_front, serialized_size_mb  # noqa: E402
+from qat.sensitivity import PTQProxy, Sensitivity, analyse, option_choice  # noqa: E402
+from _logging import RunLogger  # noqa: E402
+from _measure import latency_ms  # noqa: E402
+import _pipeline as P  # noqa: E402
+from _workflow import calibration_loader  # noqa: E402
+
+
+@hydra.main(config_path="../configs", config_name="search_qconfig", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except P.USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
+        sys.exit(f"error: {err}")
+
+
+# ---- set-up ----------------------------------------------------------------------------------
+def validate_search_config(cfg: DictConfig) -> Budget:
+    """The budget, after checking every search key; ConfigError names the key and the fix."""
+    try:
+        budget = Budget(**OmegaConf.to_container(cfg.budget))
+        for label in cfg.search.options or []:
+            option_choice(label)
+    except (TypeError, ValueError) as err:
+        raise P.ConfigError(str(err)) from None
+    s = cfg.search
+    for key, low, nullable in (("calib_batches", 1, False), ("eval_batches", 1, True), ("top_k", 1, True),
+                               ("max_evals", 1, True), ("latency_batch", 1, False), ("latency_repeats", 1, False),
+                               ("sqnr_clouds", 0, False)):
+        value = s[key]
+        if (value is None and not nullable) or (value is not None and (not isinstance(value, int) or value < low)):
+            raise P.ConfigError(f"search.{key}={value}: use an integer >= {low}{' or null' if nullable else ''}")
+    if not 0 <= s.min_kl_gain < 1:
+        raise P.ConfigError(f"search.min_kl_gain={s.min_kl_gain}: use a fraction in [0, 1)")
+    return budget
+
+
+@contextlib.contextmanager
+def reused_neighbourhoods(enabled: bool = True, memo: dict | None = None) -> Iterator[None]:
+    """Memoises farthest point sampling and ball query on the exact bytes of their inputs, in `memo`
+    (pass the same dict to share it between blocks; default: a new one for this block).
+
+    Exact: both depend only on coordinates, and every configuration sees the same float xyz
+    (quantization never touches coordinates; they reach the neighbour leaves in float), so
+    scoring ~100 configurations on the same clouds recomputes the same indices, which is most
+    of a forward on CPU. `sample_and_group` looks both functions up in `models.neighbors` at
+    call time, so replacing them there reaches every traced and converted model. End-to-end
+    latency is timed without it. (A supported switch for this belongs in models/neighbors.py.)
+    """
+    if not enabled:
+        yield
+        return
+    originals = neighbors.furthest_point_sample, neighbors.ball_query
+    memo = {} if memo is None else memo
+
+    def key(*args: Any) -> tuple:
+        return tuple((a.shape, a.dtype, a.device, a.detach().cpu().numpy().tobytes()) if isinstance(a, torch.Tensor)
+                     else a for a in args)
+
+    def fps(xyz: torch.Tensor, npoint: int) -> torch.Tensor:
+        k = ("fps", *key(xyz, npoint))
+        if k not in memo:
+            memo[k] = originals[0](xyz, npoint)
+        return memo[k]
+
+    def ball_query(radius: float, nsample: int, support_xyz: torch.Tensor, query_xyz: torch.Tensor,
+                   max_elements: int = 1 << 24) -> torch.Tensor:
+        k = ("ball", *key(radius, nsample, support_xyz, query_xyz, max_elements))
+        if k not in memo:
+            memo[k] = originals[1](radius, nsample, support_xyz, query_xyz, max_elements)
+        return memo[k]
+
+    neighbors.furthest_point_sample, neighbors.ball_query = fps, ball_query
+    try:
+        yield
+    finally:
+        neighbors.furthest_point_sample, neighbors.ball_query = originals
+
+
+def search_batches(cfg: DictConfig, d: P.Data) -> tuple[list, list, list]:
+    """(calibration inputs, selection (inputs, labels), report (inputs, labels)).
+
+    Calibration: the first `search.calib_batches` batches of the un-augmented training clouds
+    (the same loader as static PTQ in tools/quantize.py). Selection and report: the two halves
+    of a seeded permutation of the test split; the selection half is cut to `search.eval_batches`.
+    """
+    calib = [(b["xyz"], b["feats"]) for b in itertools.islice(calibration_loader(cfg), cfg.search.calib_batches)]
+    order = torch.randperm(len(d.test), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    half = len(order) // 2
+    select, report = order[:half], order[half:]
+    if cfg.search.eval_batches is not None:
+        select = select[: cfg.search.eval_batches * cfg.train.eval_batch_size]
+
+    def batches(indices: list[int]) -> list:
+        loader = data.build_loader(torch.utils.data.Subset(d.test, indices), cfg.train.eval_batch_size, shuffle=False)
+        return [((b["xyz"], b["feats"]), b["label"]) for b in loader]
+
+    return calib, batches(select), batches(report)
+
+
+def report_metrics(model: torch.nn.Module, batches: list, num_classes: int, reuse: bool,
+                   memo: dict) -> dict[str, float]:
+    """OA / mAcc (percent) on the held-out report half."""
+    with reused_neighbourhoods(reuse, memo), torch.no_grad():
+        preds = torch.cat([model(*inputs).argmax(dim=1) for inputs, _ in batches])
+    result = data.classification_metrics(preds, torch.cat([labels for _, labels in batches]), num_classes)
+    return {"oa": result["oa"], "macc": result["macc"]}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> None:
+    # ---- set-up: validate everything before any work, then data and logging -------------------
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    P.validate_config(cfg)
+    budget = validate_search_config(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    device = P.pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    logger = RunLogger(cfg, run_dir, job_type="search")
+    d = P.build_data(cfg)
+
+    # ---- the FP32 model and the clouds every configuration is calibrated and scored on ----------
+    fp32, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
+    fp32 = fp32.cpu().eval()
+    logger.console(f"FP32 model: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
+    calib, select, report = search_batches(cfg, d)
+    reuse, memo = bool(cfg.search.reuse_neighbourhoods), {}  # one memo for every pass over these clouds
+    logger.console(f"calibration {clouds(calib)} clouds, selection {clouds(select)}, held-out report {clouds(report)}")
+    proxy = PTQProxy(fp32, calib, select, context=lambda: reused_neighbourhoods(reuse, memo))
+    base_spec = qat.spec_from_config(cfg.qat)
+    batch, threads, network_only = cfg.search.latency_batch, cfg.bench.threads, bool(cfg.search.latency_network_only)
+    timing_memo: dict = {}  # latency_ms draws the same seeded clouds every call
+
+    def measure_latency(model: torch.nn.Module, network: bool = network_only) -> float:
+        """Median ms at `batch`; `network`: neighbour search memoised (computed once, in a warm-up run),
+        so only what the configurations differ in is timed (the search is the same for all of them)."""
+        with reused_neighbourhoods(network, timing_memo):
+            return latency_ms(model, d.num_points, d.in_channels, (batch,), threads, cfg.search.latency_repeats,
+                              seed=cfg.seed)[f"batch_{batch}"]
+
+    # ---- sensitivity (static PTQ proxy), then the greedy search judged on int8 models ----------
+    sensitivity = analyse(proxy, base_spec, options=cfg.search.options, quantize_alone=cfg.search.quantize_alone,
+                          sqnr_clouds=cfg.search.sqnr_clouds, progress=logger.console)
+    result = greedy_search(proxy, sensitivity, budget, measure_latency, top_k=cfg.search.top_k,
+                           max_evals=cfg.search.max_evals, min_kl_gain=cfg.search.min_kl_gain, progress=logger.console)
+    if not result.best.feasible:
+        raise P.ConfigError(f"no configuration fits the budget (all-int8: {result.base.note}); relax budget.*")
+
+    # ---- the chosen spec on disk, reloaded and re-scored: it is exactly the one evaluated -------
+    spec_path = qat.save_spec(result.best.spec, run_dir / "qconfig.yaml")
+    reloaded = qat.load_spec(spec_path)
+    _, int8_reloaded = proxy.quantize(reloaded)
+    reproduced = proxy.score(int8_reloaded)
+    same = reloaded.to_dict() == result.best.spec.to_dict() and reproduced == result.best.scores
+    if not same:  # kept in search.json and said loudly; the tests assert it never happens
+        logger.console(f"WARNING: {spec_path} re-scores {reproduced}, the search measured {result.best.scores}")
+
+    # ---- FP32 / all-int8 / searched side by side, on the selection and the held-out report half --
+    def held_out(model: torch.nn.Module) -> dict[str, float]:
+        return report_metrics(model, report, d.num_classes, reuse, memo)
+
+    int8_base = proxy.quantize(result.base.spec)[1]
+    summary = {
+        "fp32": {**proxy.fp32.to_dict(), "report": held_out(fp32), "latency_ms": measure_latency(fp32),
+                 "latency_end_to_end_ms": measure_latency(fp32, network=False), "size_mb": serialized_size_mb(fp32)},
+        "all_int8": {**candidate_figures(result.base), "report": held_out(int8_base),
+                     "latency_end_to_end_ms": measure_latency(int8_base, network=False)},
+        "chosen": {**candidate_figures(result.best), "report": held_out(int8_reloaded),
+                   "latency_end_to_end_ms": measure_latency(int8_reloaded, network=False),
+                   "reproduced": {**reproduced.to_dict(), "equal": same}},
+    }
+    payload = {
+        "method": "search", "model": cfg.teacher.model, "width": cfg.teacher.width, "dataset": cfg.dataset.name,
+        "seed": cfg.seed, "num_points": d.num_points, "spec_path": spec_path.name,
+        "data": {"calib_clouds": clouds(calib), "select_clouds": clouds(select), "report_clouds": clouds(report)},
+        "latency": {"threads": threads, "batch": batch, "repeats": cfg.search.latency_repeats,
+                    "network_only": network_only, "what": (
+                        "median ms of the converted model (eager), "
+                        + ("neighbour search excluded (memoised: the same for every configuration)" if network_only
+                           else "end to end, neighbour search included"))},
+        "search": OmegaConf.to_container(cfg.search, resolve=True), "budget": budget.to_dict(), **summary,
+        "verdict": make_verdict(sensitivity, result, summary), "sensitivity": sensitivity.to_dict(),
+        "candidates": result.to_dict()["candidates"],
+    }
+
+    # ---- report: Markdown + CSV ranking, plots, everything as JSON -------------------------------
+    (run_dir / "sensitivity.md").write_text(markdown_report(payload, sensitivity, result))
+    (run_dir / "sensitivity.csv").write_text(csv_table(sensitivity.rows()))
+    plot_sensitivity(sensitivity, run_dir / "sensitivity.png")
+    plot_pareto(result, summary["fp32"], payload["latency"], run_dir / "pareto.png")
+    P.write_json(run_dir / "search.json", payload)
+    logger.summary({"search/accuracy": result.best.scores.accuracy, "search/latency_ms": result.best.latency_ms})
+    logger.finish()
+    logger.console(payload["verdict"]["statement"])
+    logger.console(f"spec: {spec_path}  report: {run_dir / 'sensitivity.md'}")
+
+
+def clouds(batches: list) -> int:
+    """Clouds in calibration batches (tuples of inputs) or scoring batches ((inputs, labels))."""
+    return sum(len(b[1]) if isinstance(b[0], tuple) else len(b[0]) for b in batches)
+
+
+def candidate_figures(candidate: Candidate) -> dict[str, Any]:
+    return {**candidate.scores.to_dict(), "latency_ms": candidate.latency_ms, "size_mb": candidate.size_mb,
+            "fp32_layers": candidate.fp32_layers, "spec": candidate.spec.to_dict(), "index": candidate.index}
+
+
+def make_verdict(sensitivity: Sensitivity, result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]:
+    """The honesty check: the searched spec beats all-int8 in accuracy at no more latency than FP32,
+    or no layer matters: neither the all-int8 model nor any layer quantized alone is worse than FP32
+    beyond noise (McNemar's test, `Scores.worse_than_fp32`)."""
+    best, base, fp32 = result.best.scores, result.base.scores, sensitivity.fp32
+    matter = sensitivity.layers_that_matter()
+    beats = best.accuracy > base.accuracy
+    fast = result.best.latency_ms <= summary["fp32"]["latency_ms"]
+    nothing_lost = not base.worse_than_fp32()
+    changes = ", ".join(f"{layer}: {label}" for layer, label in result.best.assignment.items()) or "none (all int8)"
+    figures = (f"FP32 {fp32.accuracy:.2f} %, all-int8 {base.accuracy:.2f} %, searched {best.accuracy:.2f} % on "
+               f"{sensitivity.clouds} selection clouds (one cloud = {sensitivity.one_cloud:.2f} points); "
+               f"held-out half: "
+               f"FP32 {summary['fp32']['report']['oa']:.2f} %, all-int8 {summary['all_int8']['report']['oa']:.2f} %, "
+               f"searched {summary['chosen']['report']['oa']:.2f} %; KL to FP32 {base.kl:.3g} -> {best.kl:.3g}; "
+               f"{result.best.latency_ms:.1f} ms vs FP32 {summary['fp32']['latency_ms']:.1f} ms")
+    if beats and fast:
+        statement = f"the searched spec beats all-int8 at no more latency than FP32: {figures}; changes: {changes}"
+    elif nothing_lost and not matter:
+        statement = (f"no layer matters: neither all-int8 (lost {base.lost}, gained {base.gained} clouds against "
+                     f"FP32) nor any layer quantized alone is worse than FP32 beyond noise, so there is no accuracy "
+                     f"to recover: {figures}; changes kept for a lower KL: {changes}")
+    else:
+        statement = (f"not achieved: layers {matter or '(none singly)'} matter, but no configuration within the "
+                     f"budget beat all-int8 at FP32 latency or better: {figures}; changes: {changes}")
+    return {"beats_all_int8": beats, "latency_le_fp32": fast, "int8_loses_nothing": nothing_lost,
+            "layers_that_matter": matter, "no_layer_matters": nothing_lost and not matter,
+            "achieved": (beats and fast) or (nothing_lost and not matter), "statement": statement}
+
+
+# ---- report files ----------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def csv_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: _cell(row.get(k)) for k in columns} for row in rows])
+    return out.getvalue()
+
+
+def markdown_report(payload: dict[str, Any], sensitivity: Sensitivity, result: SearchResult) -> str:
+    lat = payload["latency"]
+    lines = [
+        f"# Quantization sensitivity: {payload['model']} width {payload['width']} on {payload['dataset']}",
+        "",
+        f"Static PTQ proxy: {payload['data']['calib_clouds']} calibration clouds (training split), scored on "
+        f"{payload['data']['select_clouds']} selection clouds (from a seeded half of the test split); the other "
+        f"{payload['data']['report_clouds']} test clouds are held out for the `held-out OA` column. "
+        f"KL: mean KL(FP32 ‖ int8) of the logits, nats. `ms`: {lat['what']}; `ms end to end`: neighbour search "
+        f"included; both at batch {lat['batch']} with bench.threads={lat['threads']}. "
+        "Size: serialized state dict.",
+        "",
+        f"**Verdict.** {payload['verdict']['statement']}.",
+        "",
+        "| model | accuracy % | lost / gained vs FP32 | agreement % | KL | held-out OA % | held-out mAcc % | ms "
+        "| ms end to end | MB | FP32 layers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, key in (("FP32", "fp32"), ("all-int8", "all_int8"), ("searched", "chosen")):
+        m = payload[key]
+        cells = [f"{m['accuracy']:.2f}", f"{m['lost']} / {m['gained']}", f"{m['agreement']:.2f}", _cell(m["kl"]),
+                 f"{m['report']['oa']:.2f}", f"{m['report']['macc']:.2f}", f"{m['latency_ms']:.1f}",
+                 f"{m['latency_end_to_end_ms']:.1f}", f"{m['size_mb']:.3f}", str(m.get("fp32_layers", "all"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Searched spec (`{payload['spec_path']}`), {len(result.candidates)} configurations evaluated:", "",
+              "```yaml", yaml.safe_dump(result.best.spec.to_dict(), sort_keys=False).rstrip(), "```", "",
+              "## Layers, most sensitive first", "",
+              "`alone`: only this layer int8, the rest FP32; `lost` / `gained`: clouds it gets wrong / right "
+              "against FP32; `matters`: worse than FP32 beyond noise (McNemar, ~95 %). `SQNR in int8`: its output "
+              "in the all-int8 model. `<option>_kl`: KL of the all-int8 model with only this layer changed "
+              f"(all-int8 KL {_cell(sensitivity.base.kl)}, accuracy {sensitivity.base.accuracy:.2f} %).", ""]
+    rows = sensitivity.rows()
+    columns = [c for c in rows[0] if not c.endswith("_accuracy") or c == "alone_accuracy"] if rows else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sensitivity(sensitivity: Sensitivity, path: Path) -> None:
+    """Bars per layer, most sensitive on top: KL when quantized alone, and the KL its best option removes."""
+    ranked = sensitivity.ranking()
+    names = [layer.name for layer in ranked][::-1]
+    alone = [layer.alone.kl if layer.alone else 0.0 for layer in ranked][::-1]
+    best = [layer.best_option(sensitivity.base) for layer in ranked][::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.8), sharey=True)
+    axes[0].barh(names, [max(v, 1e-12) for v in alone], color="tab:red")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("KL(FP32 ‖ int8) with only this layer quantized")
+    colours = {None: "lightgrey", "fp32": "tab:blue"}
+    axes[1].barh(names, [gain for _, gain in best], color=[colours.get(label, "tab:green") for label, _ in best])
+    for y, (label, gain) in enumerate(best):
+        axes[1].text(gain, y, f" {label or 'none'}", va="center", fontsize=7)
+    axes[1].set_xlabel("KL removed from the all-int8 model by the best option (blue: fp32)")
+    fig.suptitle("Per-layer quantization sensitivity (static PTQ proxy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pareto(result: SearchResult, fp32: dict[str, Any], lat: dict[str, Any], path: Path) -> None:
+    """Accuracy against latency and against size for every configuration evaluated; Pareto front marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    what = "network latency" if lat.get("network_only") else "latency"
+    for ax, cost, label in ((axes[0], "latency_ms", f"{what}, ms (batch {lat['batch']}, bench.threads={lat['threads']})"),
+                            (axes[1], "size_mb", "size, MB")):
+        points = [(getattr(c, cost), c.scores.accuracy) for c in result.candidates] + [(fp32[cost], fp32["accuracy"])]
+        feasible = [c.feasible for c in result.candidates] + [False]
+        front = pareto_front(points)
+        ax.scatter(*zip(*[p for p, ok in zip(points[:-1], feasible) if ok] or [(math.nan, math.nan)]),
+                   c="tab:blue", s=22, label="evaluated, within budget")
+        ax.scatter(*zip(*[p for p, ok in zip(points[:-1], feasible) if not ok] or [(math.nan, math.nan)]),
+                   c="grey", marker="x", s=22, label="evaluated, over budget")
+        ax.plot(*zip(*[points[i] for i in front]), color="tab:red", lw=1, marker="o", mfc="none", ms=10,
+                label="Pareto front")
+        ax.scatter(*points[result.base.index], marker="s", c="black", s=60, label="all-int8", zorder=3)
+        ax.scatter(*points[result.best.index], marker="*", c="gold", edgecolors="black", s=180, label="searched",
+                   zorder=4)
+        ax.scatter(*points[-1], marker="^", c="tab:purple", s=70, label="FP32", zorder=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy on the selection clouds, %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{len(result.candidates)} configurations evaluated (converted int8 models)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
