@@ -3,6 +3,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ CHOICES = {  # choice -> the tool and the arguments it implies
 
 
 def menu(cwd: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "KDQAT_CACHE": str(cwd / "cache")}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "KDQAT_CACHE": str(cwd / "cache"),
+           "KDQAT_PYTHON": sys.executable}  # the interpreter running the tests, wherever its venv lives
     return subprocess.run(["bash", str(MENU), *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True,
                           timeout=300)
 

@@ -14,8 +14,9 @@ set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 base=""                                  # tools and venv relative to the repo when run from it
 [[ $PWD == "$root" ]] || base="$root/"
-python=python3
+python=python3                           # the interpreter: $KDQAT_PYTHON, else the project's .venv, else python3
 [[ -x "${base}.venv/bin/python" ]] && python="${base}.venv/bin/python"
+[[ -n "${KDQAT_PYTHON:-}" ]] && python="$KDQAT_PYTHON"
 
 choices=(train static qat kd_qat compare search evaluate benchmark)
 # Keys whose values are paths: quoted for hydra, whose override grammar rejects spaces and ';'.
