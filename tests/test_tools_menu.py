@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 MENU = ROOT / "tools" / "quick_quantize.sh"
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if os.access(ROOT / ".venv" / "bin" / "python", os.X_OK) else "python3"
+PYTHON = sys.executable  # the menu runs what KDQAT_PYTHON names (set in `menu` below)
 TRICKY = "/tmp/my dir;rm -rf nothing/it's.pt"  # a space, a ';' and a quote: must reach the tool as one value
 CHOICES = {  # choice -> the tool and the arguments it implies
     "train": ("train_kd_qat.py", ["mode=fp32"]),
