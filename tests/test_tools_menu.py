@@ -1,6 +1,5 @@
 """`tools/quick_quantize.sh`: the workflow menu, driven non-interactively (and once through its prompts)."""
 import json
-import os
 import shlex
 import subprocess
 import sys
