@@ -1,6 +1,5 @@
 """The classifier: shapes, variants, checkpoint loading, FX tracing and int8 conversion."""
 import copy
-import pickle
 
 import pytest
 import torch

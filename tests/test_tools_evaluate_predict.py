@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _tools import ROOT, TINY_DATA, run_tool
+
 sys.path.insert(0, str(ROOT))
-DATA = ["dataset.train_per_class=6", "dataset.test_per_class=3", "dataset.num_points=128", "train.num_workers=0"]
+DATA = TINY_DATA
 TRAIN = ["model.width=8", "teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=16",
          "bench.repeats=1"]
 
 
 def run(workdir: Path, tool: str, *args: str) -> subprocess.CompletedProcess:
-    env = {"KDQAT_CACHE": str(workdir / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(workdir)}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_tool(tool, workdir, *args, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,19 @@
 """`tools/quantize.py` end to end on a tiny synthetic configuration: each method, and compare's table."""
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "dataset.train_per_class=6", "dataset.test_per_class=2", "dataset.num_points=128",
-    "model.width=8", "teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=16",
-    "bench.repeats=1", "train.num_workers=0",
-]
+from _tools import TINY_DATA, run_tool
+
+TINY = TINY_DATA + ["dataset.test_per_class=2", "model.width=8", "teacher.epochs=1", "train.epochs=1",
+                    "train.batch_size=16", "train.eval_batch_size=16", "bench.repeats=1"]
 
 
 def run_quantize(workdir: Path, run_dir: Path, *overrides: str) -> Path:
-    env = {"KDQAT_CACHE": str(workdir / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(workdir)}
-    cmd = [sys.executable, str(ROOT / "tools" / "quantize.py"), *TINY, f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
+    run_tool("quantize.py", workdir, *TINY, f"hydra.run.dir={run_dir}", *overrides)
     return run_dir
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+import _tools as tools
+from _tools import ROOT
+
 sys.path.insert(0, str(ROOT / "tools"))
 
 import search_qconfig as tool  # noqa: E402
@@ -25,15 +27,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def run_tool(tmp_path: Path, *overrides: str, run_dir: str = "run", check: bool = True) -> subprocess.CompletedProcess:
-    # one thread: two OpenMP threads spin against each other on a busy 2-core machine
-    env = {"KDQAT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "tools" / "search_qconfig.py"), *TINY, f"hydra.run.dir={tmp_path / run_dir}",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+    return tools.run_tool("search_qconfig.py", tmp_path, *TINY, f"hydra.run.dir={tmp_path / run_dir}", *overrides,
+                          check=check, threads=1)
 
 
 @pytest.fixture(scope="module")

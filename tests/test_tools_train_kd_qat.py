@@ -7,21 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "dataset.train_per_class=6", "dataset.test_per_class=3", "dataset.num_points=128",
-    "model.width=8", "teacher.epochs=1", "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=16",
-    "bench.repeats=1", "train.num_workers=0",
-]
+import _tools as tools
+from _tools import ROOT, TINY
+
 
 
 def run_tool(tmp_path: Path, *overrides: str, run_dir: str = "run", check: bool = True) -> subprocess.CompletedProcess:
-    env = {"KDQAT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    cmd = [sys.executable, str(ROOT / "tools" / "train_kd_qat.py"), *TINY, f"hydra.run.dir={tmp_path / run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+    return tools.run_tool("train_kd_qat.py", tmp_path, *TINY, f"hydra.run.dir={tmp_path / run_dir}", *overrides,
+                          check=check)
 
 
 @pytest.fixture(scope="module")
