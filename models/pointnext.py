@@ -60,7 +60,11 @@ def linear_block(in_features: int, out_features: int, norm: bool = True, act: bo
 
 
 def max_over_neighbors(x: Tensor, nsample: int) -> Tensor:
-    """(B, C, M, K) → (B, C, M): max over the K neighbours, as a pooling fbgemm keeps int8."""
+    """(B, C, M, K) → (B, C, M): max over the K neighbours, as a pooling fbgemm keeps int8.
+
+    Also the global stage's max over all N points (K = N, read from the shape at run time):
+    `torch.max(dim)` there would cost a dequantize/quantize round trip in the int8 model.
+    """
     return F.max_pool2d(x, kernel_size=(1, nsample)).squeeze(-1)
 
 
@@ -124,7 +128,7 @@ class SetAbstraction(nn.Module):
             return xyz, self.convs(feats)
         if self.all_aggr:
             grouped = self.convs(group_all(xyz, feats))  # (B, C, 1, N)
-            return xyz, torch.max(grouped, dim=-1)[0]  # (B, C, 1)
+            return xyz, max_over_neighbors(grouped, grouped.shape[-1])  # (B, C, 1)
         new_xyz, center_feats, grouped = sample_and_group(
             xyz, feats, self.stride, self.radius, self.nsample, self.normalize_dp
         )

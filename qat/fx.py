@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import operator
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -66,6 +67,8 @@ from torch.ao.quantization.backend_config import (
 from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 from torch.fx import GraphModule
+
+from models import neighbors
 
 from .spec import LayerChoice, QConfigSpec, SpecError
 
@@ -350,7 +353,92 @@ def convert(prepared: GraphModule) -> GraphModule:
     set_observer(fake_quant_modules(model), False)
     _clip_weights_to_fake_quant_range(model)
     with _fx_warnings_silenced():
-        return convert_fx(model, backend_config=_backend_config())
+        return _quantized_neighbor_leaves(convert_fx(model, backend_config=_backend_config()))
+
+
+# Neighbour leaf → (its int8 counterpart, which outputs of the leaf it quantizes). Each
+# counterpart takes the quantized features and the output qparams and returns exactly what
+# `quantize_per_tensor` of the float leaf's outputs would (see models/neighbors.py).
+_QUANTIZED_LEAVES = {
+    neighbors.sample_and_group: (neighbors.sample_and_group_quantized, (1, 2)),
+    neighbors.local_group: (neighbors.local_group_quantized, (None,)),
+    neighbors.group_all: (neighbors.group_all_quantized, (None,)),
+}
+
+
+def _quantized_neighbor_leaves(model: GraphModule) -> GraphModule:
+    """Keeps features int8 through the neighbour leaves of a converted graph.
+
+    `convert_fx` treats a leaf as a float op: it dequantizes the features before it and
+    quantizes the leaf's outputs after it, the largest of which is the grouped tensor
+    (B, 3 + C, M, K), K = 32 times the features. The pattern
+
+        feats_q → dequantize → leaf(xyz, ·) → [getitem i] → quantize_per_tensor(scale_i, zp_i)
+
+    becomes `leaf_quantized(xyz, feats_q, ..., scale_i, zp_i)`, which quantizes per point
+    and gathers int8 values, with identical results. Leaves whose outputs are not all
+    quantized right away (a float consumer) are left as they are.
+    """
+    graph = model.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _QUANTIZED_LEAVES:
+            continue
+        replacement, outputs = _QUANTIZED_LEAVES[node.target]
+        feats = node.args[1]
+        if not (isinstance(feats, torch.fx.Node) and feats.op == "call_method" and feats.target == "dequantize"):
+            continue
+        quantizers = _output_quantizers(node, outputs)
+        if quantizers is None or all(q is None for q in quantizers):
+            continue
+        # An unused output (PointNeXt-B's centre features, no residual) borrows another's qparams.
+        used = next(q for q in quantizers if q is not None)
+        qparams = [arg for q in quantizers for arg in (q or used).args[1:3]]
+        for arg in qparams:  # qparam buffers are read just before their quantize; read them before the leaf
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                node.prepend(arg)
+        with graph.inserting_before(node):
+            new = graph.call_function(replacement, (node.args[0], feats.args[0], *node.args[2:], *qparams))
+        for index, quantizer in zip(outputs, quantizers):
+            if quantizer is None:
+                continue
+            if index is None:
+                quantizer.replace_all_uses_with(new)
+            else:
+                with graph.inserting_after(new):
+                    quantizer.replace_all_uses_with(graph.call_function(operator.getitem, (new, index)))
+        for user in list(node.users):  # remaining getitems (the float new_xyz) read the new node
+            if user.op == "call_function" and user.target is operator.getitem and user.args[1] not in outputs:
+                with graph.inserting_after(new):
+                    user.replace_all_uses_with(graph.call_function(operator.getitem, (new, user.args[1])))
+    graph.eliminate_dead_code()
+    graph.lint()
+    model.recompile()
+    return model
+
+
+def _output_quantizers(node: torch.fx.Node, outputs: tuple) -> list[torch.fx.Node | None] | None:
+    """The quantize_per_tensor node of each listed output of `node` (index None = the node itself).
+
+    None in the list for an output nobody reads; None overall if a used output has any other
+    consumer than exactly one quint8 quantize.
+    """
+    found: list[torch.fx.Node | None] = []
+    for index in outputs:
+        if index is None:
+            value = node
+        else:
+            getitems = [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+            if not getitems:
+                found.append(None)
+                continue
+            if len(getitems) != 1:
+                return None
+            value = getitems[0]
+        users = list(value.users)
+        if len(users) != 1 or users[0].target is not torch.quantize_per_tensor or users[0].args[3] != torch.quint8:
+            return None
+        found.append(users[0])
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,3 +153,19 @@ def test_group_all_keeps_absolute_positions():
     grouped = group_all(xyz, feats)
     assert grouped.shape == (2, 7, 1, 5)
     assert torch.equal(grouped[:, :3, 0], xyz.transpose(1, 2))
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+def test_ball_query_matches_kernel_for_points_on_the_sphere(offset):
+    """Matmul distances pick candidates; the radius test must still be the kernel's `d2 < r2`.
+
+    Points within a few ulp of the sphere, far from the origin too (where |q|² + |s|² − 2 q·s
+    loses most digits), are accepted or rejected exactly as the per-axis kernel does.
+    """
+    torch.manual_seed(4)
+    query = torch.rand(2, 6, 3) + offset
+    directions = torch.nn.functional.normalize(torch.randn(2, 6, 20, 3), dim=-1)
+    scale = 1 + torch.randint(-4, 5, (2, 6, 20, 1)) * 1e-7  # a few ulp in or out of the sphere
+    support = (query.unsqueeze(2) + 0.3 * directions * scale).reshape(2, 120, 3)
+    got = ball_query(0.3, 16, support, query)
+    assert torch.equal(got, ball_query_kernel_reference(0.3, 16, support, query))
