@@ -10,14 +10,20 @@ import torch
 
 from models import read_checkpoint
 
-__all__ = ["atomic_torch_save", "load_training_checkpoint"]
+__all__ = ["atomic_torch_save", "load_training_checkpoint", "remove_stale_temporaries"]
+
+
+def _temporaries(path: Path) -> list[Path]:
+    """Temporary files `atomic_torch_save` creates for `path` (`.<name>.<random>.tmp`)."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save` to a temporary file in the same directory, fsync, then rename over `path`.
 
     A process killed at any moment leaves either the previous complete file or the new complete
-    file, never a truncated one that a later `resume=true` would trust.
+    file, never a truncated one that a later `resume=true` would trust. What a kill can leave is
+    a hidden `.<name>.*.tmp` beside it, which nothing reads (see `remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,3 +47,16 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this project; "
                          "start without resume=true")
     return ckpt
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Deletes temporaries of `path` left by a writer that was killed; returns them.
+
+    Only call this when no other process is writing `path` (the engine does it on rank 0 before
+    resuming). They are never loaded, whether complete or truncated: a checkpoint counts only
+    once it has been renamed to its final name.
+    """
+    stale = _temporaries(Path(path))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

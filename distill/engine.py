@@ -13,6 +13,12 @@ The engine knows nothing of FX or of W&B: the quantization schedule arrives as a
 wrapper. Randomness of epoch `e` is a function of `(seed, e)` alone (the RNGs and the loader's
 shuffle are re-seeded at each epoch start), so a run resumed from the checkpoint of epoch `e`
 continues exactly as the uninterrupted run would have.
+
+Under torchrun (see `distill/distributed.py`) the same loop runs on every rank with the student
+wrapped in DistributedDataParallel by the caller. The engine then takes the decisions that must
+be common together (skip a non-finite batch, stop), averages BatchNorm statistics and epoch
+losses over ranks, gathers validation predictions from per-rank shards, and lets only rank 0
+write checkpoints.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ from torch import Tensor
 
 from data import classification_metrics
 
-from .checkpoint import atomic_torch_save, load_training_checkpoint
+from . import distributed as D
+from .checkpoint import atomic_torch_save, load_training_checkpoint, remove_stale_temporaries
 from .losses import DistillationLoss
 
 __all__ = ["EpochHook", "EngineConfig", "Engine", "NonFiniteLossError", "seed_everything", "predict"]
@@ -39,7 +46,9 @@ class EpochHook(Protocol):
     """Called at the start of every epoch (e.g. the quantization schedule); returns loggable state.
 
     A hook may also offer `evaluating(model)`, a context manager the engine enters around every
-    evaluation (the quantization schedule uses it to keep observers from moving on validation data).
+    evaluation (the quantization schedule uses it to keep observers from moving on validation data),
+    and `after_step(model)`, called after every optimizer update (rank-synchronised observers
+    use it: `qat/distributed.py`).
     """
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
@@ -187,12 +196,19 @@ class Engine:
         return None if self.config.checkpoint_dir is None else Path(self.config.checkpoint_dir) / "last.pt"
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
+        """Rank 0 writes `last.pt` atomically; every rank holds the same state, so one file serves all."""
+        if self.checkpoint_path is not None and D.is_main():
             atomic_torch_save(self.state_dict(), self.checkpoint_path)
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Loads the last complete checkpoint if there is one; returns whether it did."""
+        """Loads the last complete checkpoint if there is one; returns whether it did.
+
+        Every rank reads the same file (a shared file system under multi-node torchrun). Temporary
+        files a killed writer left beside it are never read; rank 0 deletes them.
+        """
         path = Path(path) if path is not None else self.checkpoint_path
+        if path is not None and D.is_main():
+            remove_stale_temporaries(path)
         if path is None or not path.is_file():
             return False
         self.load_state_dict(load_training_checkpoint(path))
@@ -231,17 +247,19 @@ class Engine:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         metrics = self._start_epoch(epoch)
         sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
-        seen, skipped = 0, 0
+        seen, skipped, batches = 0, 0, 0
         for batch_idx, batch in enumerate(self.progress(self.train_loader, f"epoch {epoch}")):
+            batches += 1
             xyz, feats, label = _to_device(batch, self.device)
             teacher_logits = self.teacher(xyz, feats) if self.teacher is not None and self.loss_fn.alpha > 0 else None
             out = self.loss_fn(self.student(xyz, feats), label, teacher_logits)
-            if not torch.isfinite(out["loss"]):
+            # One verdict for all ranks: a rank that skipped alone would leave the others waiting in backward.
+            if D.any_across_ranks(not bool(torch.isfinite(out["loss"]))):
                 if self.config.nonfinite == "stop":
                     raise NonFiniteLossError(
-                        f"non-finite loss ({out['loss'].item()}) at epoch {epoch} step {batch_idx}; "
-                        f"the last complete checkpoint ({self.checkpoint_path}) is kept; lower the lr or "
-                        "set train.nonfinite=skip"
+                        f"non-finite loss ({out['loss'].item()} on rank {D.rank()}) at epoch {epoch} step {batch_idx} "
+                        f"(update {self.step + 1}); the last complete checkpoint ({self.checkpoint_path}) is kept; "
+                        "lower optim.lr, set optim.max_grad_norm, or set train.nonfinite=skip"
                     )
                 skipped += 1
                 continue
@@ -253,12 +271,22 @@ class Engine:
             self.step += 1
             if self.scheduler is not None:
                 self.scheduler.step_update(self.step)
+            for hook in self.hooks:
+                if hasattr(hook, "after_step"):
+                    hook.after_step(_unwrap(self.student))
             for key in sums:
                 sums[key] += out[key].item() * label.shape[0]
             seen += label.shape[0]
             if self.step % self.config.log_every == 0:
                 self.log_fn({f"train/{k}": out[k].item() for k in sums} | {"train/lr": self._lr()}, self.step)
-        metrics.update({f"train/{k}_epoch": v / max(seen, 1) for k, v in sums.items()})
+        if batches and skipped == batches:
+            raise NonFiniteLossError(f"every one of the {batches} batches of epoch {epoch} gave a non-finite loss "
+                                     f"(train.nonfinite=skip); the last complete checkpoint ({self.checkpoint_path}) "
+                                     "is kept; lower optim.lr or check the data")
+        # Each rank saw its own shard: BN statistics and the epoch's loss sums are averaged over ranks.
+        D.average_bn_stats(_unwrap(self.student))
+        *totals, seen = D.sum_across_ranks([*sums.values(), float(seen)])
+        metrics.update({f"train/{k}_epoch": v / max(seen, 1) for k, v in zip(sums, totals)})
         metrics["train/skipped_steps"] = float(skipped)
         metrics["train/lr"] = self._lr()
         return metrics
@@ -267,7 +295,11 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def evaluate(self, loader: Iterable[dict[str, Tensor]], prefix: str = "val") -> dict[str, float]:
-        """OA and mAcc (percent) of the student in eval mode, named `{prefix}/oa_{tag}`."""
+        """OA and mAcc (percent) of the student in eval mode, named `{prefix}/oa_{tag}`.
+
+        Under torchrun `loader` holds this rank's shard of the split (`distributed.EvalShard`);
+        the predictions of all shards are gathered, so every rank reports the whole split.
+        """
         model = _unwrap(self.student)
         was_training = model.training
         model.eval()
@@ -277,6 +309,7 @@ class Engine:
                     stack.enter_context(hook.evaluating(model))
             preds, labels = predict(model, loader, self.device)
         model.train(was_training)
+        preds, labels = D.all_gather_cat(preds), D.all_gather_cat(labels)  # per-rank shards → the whole split
         result = classification_metrics(preds, labels, self.num_classes)
         tag = self.config.tag
         return {f"{prefix}/oa_{tag}": float(result["oa"]), f"{prefix}/macc_{tag}": float(result["macc"])}

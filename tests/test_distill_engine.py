@@ -114,8 +114,30 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path)
     assert (tmp_path / "last.pt").read_bytes() == saved
 
 
-def test_nonfinite_skip_counts_skipped_batches():
+class EveryOtherNaN(DistillationLoss):
+    """The task + KD loss, made NaN on every second call (calls 1, 3, ...)."""
+
+    calls = 0
+
+    def forward(self, *args):
+        out = super().forward(*args)
+        self.calls += 1
+        if self.calls % 2 == 0:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nonfinite_skip_counts_skipped_batches_and_trains_on_the_rest():
     engine = make_engine(tiny(), epochs=1, nonfinite="skip")
+    engine.loss_fn = EveryOtherNaN(0.0, 2.0, 0.0)
+    history = engine.fit()
+    assert history[0]["train/skipped_steps"] == 2.0
+    assert engine.step == 2  # 4 batches, 2 skipped: no optimizer update for those
+    assert all(torch.isfinite(p).all() for p in engine.student.parameters())
+
+
+def test_nonfinite_skip_still_stops_when_every_batch_of_an_epoch_is_skipped(tmp_path):
+    engine = make_engine(tiny(), tmp_path, epochs=1, nonfinite="skip")
 
     class NaNLoss(DistillationLoss):
         def forward(self, *args):
@@ -124,4 +146,16 @@ def test_nonfinite_skip_counts_skipped_batches():
             return out
 
     engine.loss_fn = NaNLoss(0.0, 2.0, 0.0)
-    assert engine.fit()[0]["train/skipped_steps"] == 4.0
+    with pytest.raises(NonFiniteLossError, match="every one of the 4 batches of epoch 0"):
+        engine.fit()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_ignores_and_removes_a_temporary_left_by_a_killed_writer(tmp_path):
+    engine = make_engine(tiny(), tmp_path, epochs=1)
+    engine.fit()
+    stale = tmp_path / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")  # what SIGKILL during atomic_torch_save leaves
+    resumed = make_engine(tiny(), tmp_path, epochs=2)
+    assert resumed.resume() and resumed.epoch == 1
+    assert not stale.exists()

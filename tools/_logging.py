@@ -3,6 +3,7 @@
 Metric names are stable (`train/loss`, `train/task_loss`, `train/kd_loss`, `train/lr`,
 `val/oa_fakequant`, `val/oa_fp32`, `qat/fake_quant_fraction`, `test/oa_int8`, ...) so sweeps and
 dashboards can rely on them. Library code never logs: it returns dicts that land here.
+Under torchrun only rank 0 logs (console, log.jsonl, W&B); the other ranks' loggers are silent.
 """
 from __future__ import annotations
 
@@ -13,14 +14,23 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on construction (see `progress`)
+
+from distill import distributed as D
 
 __all__ = ["RunLogger", "progress"]
 
 
 def progress(iterable: Iterable, desc: str) -> Iterable:
-    """Progress bar over batches (tqdm; quiet when stderr is not a terminal, e.g. in CI logs)."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    """Progress bar over batches (tqdm; quiet when stderr is not a terminal, e.g. in CI logs, and off
+    on torchrun ranks other than 0).
+
+    It must iterate the loader exactly once: every `iter(DataLoader)` draws a worker seed from
+    the loader's generator, which shifts the shuffle that follows. `tqdm.auto` (an asyncio
+    subclass) creates an extra iterator up front, so a run's order would depend on whether a
+    bar is drawn, and torchrun ranks with and without a bar would shard different permutations.
+    """
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if D.is_main() else True)
 
 
 def _wandb_credentials_present() -> bool:
@@ -43,7 +53,8 @@ class RunLogger:
         self.run_dir = run_dir
         self.jsonl = run_dir / "log.jsonl"
         self.wandb_run = None
-        if cfg.logger.name == "wandb":
+        self.enabled = D.is_main()  # rank 0 speaks for the job
+        if cfg.logger.name == "wandb" and self.enabled:
             self.wandb_run = self._start_wandb(cfg, job_type)
 
     def _start_wandb(self, cfg: DictConfig, job_type: str) -> Any:
@@ -73,10 +84,13 @@ class RunLogger:
         return run
 
     def console(self, message: str) -> None:
-        tqdm.write(message)
+        if self.enabled:
+            tqdm.write(message)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One record: to log.jsonl, to W&B, and a compact line to the console."""
+        if not self.enabled:
+            return
         record = {"step": step, **metrics} if step is not None else dict(metrics)
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data
 import qat
 from distill import (
-    DistillationLoss, Engine, EngineConfig, FrozenTeacher, atomic_torch_save, predict, seed_everything,
+    DistillationLoss, Engine, EngineConfig, FrozenTeacher, NonFiniteLossError, atomic_torch_save, predict,
+    seed_everything,
 )
+from distill import distributed as D
 from models import CheckpointError, create_model, load_checkpoint
 
 from _logging import RunLogger, progress
@@ -37,21 +41,79 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any training starts."""
 
 
-# Errors that mean "the user's input is wrong": the tools print them as one line and exit 1.
-USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError)
+# Errors that mean "the user's input is wrong" (or a run that cannot go on, like a NaN loss):
+# the tools print them as one line and exit 1.
+USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError, NonFiniteLossError)
+
+# Ranges of numeric config values: key -> (integer?, lowest, highest, lowest excluded?, null allowed?).
+_RANGES: dict[str, tuple[bool, float, float, bool, bool]] = {
+    "seed": (True, 0, math.inf, False, False),
+    "train.epochs": (True, 0, math.inf, False, False),
+    "teacher.epochs": (True, 0, math.inf, False, False),
+    "train.batch_size": (True, 1, math.inf, False, False),
+    "train.eval_batch_size": (True, 1, math.inf, False, False),
+    "train.num_workers": (True, 0, math.inf, False, False),
+    "train.log_every": (True, 1, math.inf, False, False),
+    "model.width": (True, 1, math.inf, False, False),
+    "teacher.width": (True, 1, math.inf, False, False),
+    "dataset.num_points": (True, 1, math.inf, False, False),
+    "optim.lr": (False, 0, math.inf, True, False),
+    "optim.weight_decay": (False, 0, math.inf, False, False),
+    "optim.qat_lr_scale": (False, 0, math.inf, True, False),
+    "optim.max_grad_norm": (False, 0, math.inf, True, True),
+    "sched.warmup_epochs": (False, 0, math.inf, False, False),
+    "sched.warmup_lr_ratio": (False, 0, 1, False, False),
+    "sched.min_lr_ratio": (False, 0, 1, False, False),
+    "bench.threads": (True, 1, math.inf, False, False),
+    "bench.repeats": (True, 1, math.inf, False, False),
+}
 
 
-# ---- set-up ----------------------------------------------------------------------------------
+def _check_range(cfg: DictConfig, key: str, integer: bool, low: float, high: float, low_open: bool,
+                 nullable: bool) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
+        return  # null where allowed, or a key this tool's config does not have
+    kind = "an integer" if integer else "a number"
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: use {kind} {bounds}" + (" or null" if nullable else ""))
+    if value < low or (low_open and value == low) or value > high:
+        raise ConfigError(f"{key}={value!r} is out of range: use {kind} {bounds}")
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Fails fast, with the key and the fix, on values that would only break hours later."""
+    """Fails fast, with the key and the fix, on values that would only break hours later.
+
+    Also checks what the torchrun environment implies (the global batch must split evenly over
+    the processes), so a bad multi-process launch fails before any process trains.
+    """
     if cfg.mode not in ("fp32", "qat", "kd_qat"):
         raise ConfigError(f"mode={cfg.mode}: use fp32, qat or kd_qat (static PTQ: tools/quantize.py method=static)")
-    for key in ("train.epochs", "teacher.epochs"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
-    for key in ("train.batch_size", "train.eval_batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    for key, rule in _RANGES.items():
+        _check_range(cfg, key, *rule)
+    if cfg.train.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={cfg.train.nonfinite!r}: use stop or skip")
+    for key in ("resume", "train.sync_bn", "teacher.cache"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: use true or false")
+    device = str(cfg.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: no CUDA device is visible here; use device=auto or device=cpu")
+    try:
+        env = D.torchrun_env()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.train.batch_size % env.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over "
+                          f"the {env.world_size} torchrun processes; use a multiple of {env.world_size}")
+    if OmegaConf.select(cfg, "train.sync_bn", default=False) and env.world_size > 1 and pick_device(device).type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA (torch's SyncBatchNorm is GPU-only); "
+                          "on CPU leave it false (BN statistics are averaged over ranks each epoch)")
     try:
         DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, cfg.distill.label_smoothing)  # validates
     except ValueError as err:
@@ -72,12 +134,38 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_launch(cfg: DictConfig, run_dir_given: bool) -> None:
+    """torchrun with `--max-restarts`: a restarted worker resumes from `hydra.run.dir`, so it must be fixed.
+
+    The default run directory is a timestamp, which a restarted worker would compute anew and
+    so start from scratch in an empty directory.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and not run_dir_given:
+        raise ConfigError(f"torchrun --max-restarts={restarts}: give hydra.run.dir=DIR (on a file system every node "
+                          "sees), so restarted workers find the checkpoints to resume from")
+
+
+def wants_resume(cfg: DictConfig) -> bool:
+    """`resume=true`, or a worker that torchrun restarted after a failure (it resumes by itself)."""
+    return bool(cfg.resume) or D.restart_count() > 0
+
+
 @dataclass
 class Data:
+    """Datasets and loaders. Under torchrun, `train_loader` and `val_loader` hold this rank's shard
+    (the engine gathers validation predictions); `test_loader` is always the whole test split,
+    for the final figures that rank 0 measures alone."""
+
     train: Any
     test: Any
     train_loader: DataLoader
     test_loader: DataLoader
+    val_loader: DataLoader | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_loader is None:
+            self.val_loader = self.test_loader
 
     @property
     def num_classes(self) -> int:
@@ -97,14 +185,21 @@ class Data:
 
 
 def build_data(cfg: DictConfig) -> Data:
+    """`train.batch_size` is the global batch: each of N torchrun processes loads batch_size / N clouds
+    per step, dealt from the one-process order, so N only changes speed, not the run."""
     train = data.build_dataset(cfg.dataset, "train")
     test = data.build_dataset(cfg.dataset, "test")
     workers = cfg.train.num_workers
-    return Data(
-        train, test,
-        data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed, drop_last=True),
-        data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed),
-    )
+    test_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed)
+    rank, world = D.rank(), D.world_size()
+    if world == 1:
+        train_loader = data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed,
+                                         drop_last=True)
+        return Data(train, test, train_loader, test_loader)
+    train_loader = D.build_sharded_loader(train, cfg.train.batch_size, cfg.seed, rank, world, num_workers=workers)
+    val_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed,
+                                   sampler=D.EvalShard(test, rank, world))
+    return Data(train, test, train_loader, test_loader, val_loader)
 
 
 def build_model(name: str, width: int, cfg: DictConfig, d: Data) -> nn.Module:
@@ -149,16 +244,27 @@ def run_engine(
 ) -> Engine:
     """Trains `model` for `epochs` with the one engine; checkpoints in `run_dir/phase/`.
 
-    With `resume=true` the phase continues from its last complete checkpoint.
+    With `resume=true` (or in a worker torchrun restarted) the phase continues from its last
+    complete checkpoint. Under torchrun the model is wrapped in DistributedDataParallel here
+    (after FX prepare, with SyncBatchNorm first when `train.sync_bn`); `model` itself is trained
+    in place, so the caller keeps using the unwrapped module.
     """
     optimizer = make_optimizer(model, cfg, lr)
+    trained: nn.Module = model
+    if D.world_size() > 1:
+        if OmegaConf.select(cfg, "train.sync_bn", default=False):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces BN children in place
+        # broadcast_buffers=False: BN statistics are averaged by the engine, observers by qat.distributed,
+        # instead of being overwritten with rank 0's before every forward.
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
     engine = Engine(
-        student=model,
+        student=trained,
         loss_fn=DistillationLoss(alpha, cfg.distill.temperature, cfg.distill.label_smoothing),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, epochs, len(d.train_loader)),
         train_loader=d.train_loader,
-        val_loader=d.test_loader,
+        val_loader=d.val_loader,
         teacher=teacher,
         hooks=hooks,
         num_classes=d.num_classes,
@@ -171,7 +277,7 @@ def run_engine(
         progress=progress,
         extra_state={"phase": phase, "cfg": OmegaConf.to_container(cfg, resolve=True)},
     )
-    if cfg.resume and engine.resume():
+    if wants_resume(cfg) and engine.resume():
         logger.console(f"resumed {phase} from {engine.checkpoint_path} at epoch {engine.epoch}")
     engine.fit()
     return engine
@@ -215,9 +321,11 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, d
     run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.optim.lr, phase="teacher", run_dir=run_dir,
                logger=logger, device=device, tag="fp32")
     model = model.cpu()
-    atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, final)
-    if cfg.teacher.cache:
-        atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
+    if D.is_main():  # every rank holds the same teacher; one writes it
+        atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, final)
+        if cfg.teacher.cache:
+            atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
+    D.barrier()
     return model.eval(), "trained in this run"
 
 
@@ -267,8 +375,13 @@ def state_dict_size_mb(model: nn.Module) -> float:
         return os.path.getsize(path) / 1e6
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write (temp file + rename): a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomic JSON write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2, default=float))

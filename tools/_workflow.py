@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 import data
 import qat
 from distill import FrozenTeacher
+from distill import distributed as D
+from qat.distributed import ObserverSync, sync_observers
 
 import _pipeline as P
 from _logging import RunLogger
@@ -43,8 +45,12 @@ def quantize(
     logger: RunLogger,
     device: torch.device,
     fp32_reference: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Applies `method` to `fp32_model` and returns its metrics.json payload (written by the caller).
+
+    Under torchrun, every rank trains (qat, kd_qat) with rank-synchronised observers; then all
+    ranks check that they hold the identical prepared model, and rank 0 alone converts it (on a
+    CPU copy: fbgemm kernels are CPU-only), exports and measures it. Other ranks return None.
 
     Args:
         method: fp32 | static | qat | kd_qat.
@@ -54,6 +60,8 @@ def quantize(
         fp32_reference: FP32 figures measured earlier in this process, reused as the reference.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    if method in ("fp32", "static") and not D.is_main():
+        return None  # nothing to train: rank 0 measures alone
     if method == "fp32":
         return {"method": "fp32", "model": cfg.model.name, "width": cfg.model.width, "dataset": cfg.dataset.name,
                 "seed": cfg.seed, "num_points": d.num_points, **fp32_figures(fp32_model, cfg, d)}
@@ -70,9 +78,14 @@ def quantize(
     schedule = qat.QuantSchedule.from_config(cfg.qat)
     alpha = cfg.distill.alpha if method == "kd_qat" else 0.0
     frozen = FrozenTeacher(copy.deepcopy(teacher).to(device)) if alpha > 0 else None
+    hooks = (schedule, ObserverSync()) if D.world_size() > 1 else (schedule,)
     engine = P.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
                           phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
-                          alpha=alpha, hooks=(schedule,), tag="fakequant")
+                          alpha=alpha, hooks=hooks, tag="fakequant")
+    sync_observers(prepared)  # after the last step already; again here, so conversion never depends on it
+    D.check_ranks_agree(prepared, "prepared student")
+    if not D.is_main():
+        return None
     return quantized_run_metrics(cfg, d, method=method, prepared=prepared.cpu(), schedule=schedule,
                                  fp32_model=fp32_model, teacher=teacher if alpha > 0 else None, run_dir=run_dir,
                                  history=engine.history, fp32_reference=fp32_reference)

@@ -3,10 +3,15 @@
     python tools/train_kd_qat.py                                   # the whole story on the synthetic benchmark
     python tools/train_kd_qat.py dataset=modelnet40 dataset.root=DIR model=pointnext-s teacher.ckpt=PATH
     python tools/train_kd_qat.py -m distill.alpha=0,0.5,1          # a hydra multirun sweep
+    torchrun --standalone --nproc_per_node=4 tools/train_kd_qat.py hydra.run.dir=runs/a   # DDP, 4 processes
 
 Writes into the hydra run directory: config.yaml (resolved), metrics.json, log.jsonl,
 teacher/ and student/ checkpoints (last.pt, resumable with resume=true), model_int8.pt
 (TorchScript) with model_int8.json.
+
+Under torchrun every rank runs this script: all train (DDP, `train.batch_size` is the global
+batch), rank 0 alone writes files and logs, converts and measures. A worker restarted by
+`torchrun --max-restarts` resumes from the run directory's checkpoints by itself.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from distill import distributed as D  # noqa: E402
 from distill import seed_everything  # noqa: E402
 from _logging import RunLogger  # noqa: E402
 import _pipeline as P  # noqa: E402
@@ -32,25 +38,36 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except P.USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
         sys.exit(f"error: {err}")
+    finally:
+        D.shutdown()
 
 
 def run(cfg: DictConfig) -> None:
     # ---- set-up: validate everything before any work, then data and logging -------------------
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
     P.validate_config(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    device = P.pick_device(cfg.device)
+    P.check_launch(cfg, run_dir_given=any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra))
+    # torchrun: join the process group (gloo on CPU, nccl on CUDA: one GPU per local rank), and
+    # use rank 0's run directory everywhere (each rank computed its own timestamp).
+    _, device = D.init_distributed(P.pick_device(cfg.device))
+    run_dir = Path(str(D.broadcast_object(hydra_cfg.runtime.output_dir)))
+    if D.is_main():
+        P.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
     logger = RunLogger(cfg, run_dir)
     d = P.build_data(cfg)
     logger.console(f"{cfg.dataset.name}: {len(d.train)} train / {len(d.test)} test clouds, "
-                   f"{d.num_classes} classes, {d.num_points} points; run dir {run_dir}")
+                   f"{d.num_classes} classes, {d.num_points} points; run dir {run_dir}"
+                   + (f"; {D.world_size()} processes × {cfg.train.batch_size // D.world_size()} clouds per step"
+                      if D.world_size() > 1 else ""))
 
     # ---- FP32 teacher: given, cached, or trained with the same engine (quantization off) -------
     teacher, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
     logger.console(f"teacher: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     if cfg.mode == "fp32":
         metrics = quantize("fp32", cfg, d, teacher, teacher, run_dir, logger, device)
+        if metrics is None:  # not rank 0: training is over, rank 0 measures and writes
+            return
         P.write_json(run_dir / "metrics.json", metrics)
         print_results_table([("FP32 teacher", metrics)])
         return
@@ -60,6 +77,8 @@ def run(cfg: DictConfig) -> None:
     #  convert_fx, TorchScript export, evaluation of the reloaded artifact, latency and size)
     student = P.init_student(cfg, d, teacher)
     metrics = quantize(cfg.mode, cfg, d, student, teacher, run_dir, logger, device)
+    if metrics is None:  # not rank 0 (see above)
+        return
     P.write_json(run_dir / "metrics.json", metrics)
     final = {"test/oa_int8": metrics["oa"], "test/macc_int8": metrics["macc"], "test/oa_fp32": metrics["fp32"]["oa"],
              "test/oa_fakequant": metrics["fakequant"]["oa"], "test/size_mb_int8": metrics["size_mb"],
