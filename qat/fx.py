@@ -331,13 +331,15 @@ def _clip_weights_to_fake_quant_range(model: nn.Module) -> None:
         module.weight.copy_(torch.maximum(torch.minimum(module.weight, bound), -bound))
 
 
-def convert(prepared: GraphModule) -> GraphModule:
+def convert(prepared: GraphModule, int8_neighbor_leaves: bool = True) -> GraphModule:
     """Lowers a prepared (QAT or calibrated PTQ) model to an int8 model for the spec's backend.
 
     Works on a deep copy, moved to CPU and put in eval mode, so the prepared student can keep
     training or be evaluated afterwards. The copy's fake-quant observers are frozen and its
     weights clipped to their fake-quant range first (see the module docstring), so the int8
-    model uses the fake-quant model's qparams and weights.
+    model uses the fake-quant model's qparams and weights. `int8_neighbor_leaves=False` skips
+    the int8 neighbour-leaf rewrite (same outputs, slower): the numeric suite's graph matcher
+    needs every op of the int8 graph to have its float counterpart (`layer_output_sqnr`).
 
     Raises:
         ValueError: Some observer never saw data (no calibration or training forward ran), so
@@ -353,7 +355,8 @@ def convert(prepared: GraphModule) -> GraphModule:
     set_observer(fake_quant_modules(model), False)
     _clip_weights_to_fake_quant_range(model)
     with _fx_warnings_silenced():
-        return _quantized_neighbor_leaves(convert_fx(model, backend_config=_backend_config()))
+        int8 = convert_fx(model, backend_config=_backend_config())
+    return _quantized_neighbor_leaves(int8) if int8_neighbor_leaves else int8
 
 
 # Neighbour leaf → (its int8 counterpart, which outputs of the leaf it quantizes). Each
@@ -398,6 +401,8 @@ def _quantized_neighbor_leaves(model: GraphModule) -> GraphModule:
                 node.prepend(arg)
         with graph.inserting_before(node):
             new = graph.call_function(replacement, (node.args[0], feats.args[0], *node.args[2:], *qparams))
+        # a leaf again when the converted model is re-traced (the numeric suite in the search does)
+        new.meta["is_wrapped"] = True
         for index, quantizer in zip(outputs, quantizers):
             if quantizer is None:
                 continue
@@ -605,7 +610,8 @@ def layer_output_sqnr(
 
     Args:
         prepared: Output of `prepare_ptq` after calibration (the FP32 reference).
-        int8_model: `convert(prepared)`.
+        int8_model: `convert(prepared, int8_neighbor_leaves=False)`: the suite pairs every op
+            with its float counterpart, and the int8 leaves have none.
         batches: Positional inputs per batch, e.g. [(xyz, feats)].
 
     Returns:
@@ -613,6 +619,11 @@ def layer_output_sqnr(
     """
     from unittest import mock
 
+    rewritten = [n.name for n in int8_model.graph.nodes if n.op == "call_function"
+                 and n.target in {leaf for leaf, _ in _QUANTIZED_LEAVES.values()}]
+    if rewritten:
+        raise ValueError(f"layer_output_sqnr: {rewritten[0]!r} is an int8 neighbour leaf the numeric suite "
+                         "cannot match; convert with int8_neighbor_leaves=False")
     from torch.ao.ns import _numeric_suite_fx as ns  # imported here: only the search needs it
     from torch.ao.ns.fx import graph_matcher, pattern_utils
 

@@ -246,11 +246,12 @@ class PTQProxy:
             calibrate(prepared, self.calib_batches, forward_fn=lambda m, batch: m(*batch))
         return prepared, convert(prepared)
 
-    def sqnr(self, prepared: nn.Module, int8: nn.Module, clouds: int) -> dict[str, float]:
-        """Per-layer output SQNR (dB) of `int8` against `prepared` on the first `clouds` scoring clouds; {} for 0."""
+    def sqnr(self, prepared: nn.Module, clouds: int) -> dict[str, float]:
+        """Per-layer output SQNR (dB) of int8 `prepared` against its FP32 self on the first `clouds` scoring clouds; {} for 0."""
         if clouds < 1:
             return {}
         inputs = [tuple(x[:clouds] if isinstance(x, torch.Tensor) else x for x in self.eval_batches[0][0])]
+        int8 = convert(prepared, int8_neighbor_leaves=False)  # the form the numeric suite can match
         with self.context():
             return layer_output_sqnr(prepared, int8, inputs)
 
@@ -383,7 +384,7 @@ def analyse(
 
     prepared, int8 = proxy.quantize(base)
     base_scores = proxy.score(int8)
-    in_int8 = proxy.sqnr(prepared, int8, sqnr_clouds)
+    in_int8 = proxy.sqnr(prepared, sqnr_clouds)
     say(f"all-int8: accuracy {base_scores.accuracy:.2f} %, KL {base_scores.kl:.4g} (FP32 {proxy.fp32.accuracy:.2f} %)")
     results = []
     for index, name in enumerate(layers, start=1):
@@ -391,7 +392,7 @@ def analyse(
         if quantize_alone:
             prepared, int8 = proxy.quantize(isolated_spec(base, name, proxy.model))
             entry.alone = proxy.score(int8)
-            entry.sqnr_alone_db = proxy.sqnr(prepared, int8, sqnr_clouds).get(name)
+            entry.sqnr_alone_db = proxy.sqnr(prepared, sqnr_clouds).get(name)
         for label in options:
             entry.options[label] = proxy.score(proxy.quantize(spec_with(base, {name: label}, units))[1])
         best, gain = entry.best_option(base_scores)
