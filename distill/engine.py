@@ -26,7 +26,7 @@ import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +132,9 @@ class Engine:
         log_fn: `log_fn(metrics, step)`; the tool sends it to the console, a file or W&B.
         progress: Wraps the batch iterable (e.g. tqdm); identity by default.
         extra_state: Saved in every checkpoint (config, phase, ...).
+        step_context: Called once per training step; the teacher and student forwards run inside
+            the context manager it returns (the tool passes `models.neighbors.shared_neighborhoods`,
+            so the student reuses the teacher's neighbour search on the same clouds). None: nothing.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Engine:
         log_fn: Callable[[dict[str, float], int], None] | None = None,
         progress: Callable[[Iterable, str], Iterable] | None = None,
         extra_state: dict[str, Any] | None = None,
+        step_context: Callable[[], ContextManager[Any]] | None = None,
     ) -> None:
         self.student = student
         self.loss_fn = loss_fn
@@ -165,6 +169,7 @@ class Engine:
         self.log_fn = log_fn or (lambda metrics, step: None)
         self.progress = progress or (lambda iterable, desc: iterable)
         self.extra_state = extra_state or {}
+        self.step_context = step_context or contextlib.nullcontext
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer updates done
         self.history: list[dict[str, float]] = []
@@ -251,8 +256,9 @@ class Engine:
         for batch_idx, batch in enumerate(self.progress(self.train_loader, f"epoch {epoch}")):
             batches += 1
             xyz, feats, label = _to_device(batch, self.device)
-            teacher_logits = self.teacher(xyz, feats) if self.teacher is not None and self.loss_fn.alpha > 0 else None
-            out = self.loss_fn(self.student(xyz, feats), label, teacher_logits)
+            with self.step_context():  # forwards only: whatever it holds is released before backward
+                teacher_logits = self.teacher(xyz, feats) if self.teacher is not None and self.loss_fn.alpha > 0 else None
+                out = self.loss_fn(self.student(xyz, feats), label, teacher_logits)
             # One verdict for all ranks: a rank that skipped alone would leave the others waiting in backward.
             if D.any_across_ranks(not bool(torch.isfinite(out["loss"]))):
                 if self.config.nonfinite == "stop":

@@ -14,16 +14,27 @@ The `*_quantized` variants are the same leaves on quantized (quint8) features wi
 outputs; `qat.fx.convert` substitutes them for `dequantize → leaf → quantize` in the int8
 graph, with bit-identical results, so features stay int8 across neighbour search.
 
+Under `shared_neighborhoods()` farthest point sampling and ball query return the result of an
+earlier call with the same arguments and equal coordinates instead of recomputing it: in a
+KD-QAT step the FP32 teacher and the fake-quant student search the same neighbourhoods of the
+same clouds (see `NeighborhoodMemo`). Outside that block nothing changes, and TorchScript never
+sees the memo (it sits behind `torch.jit.is_scripting()`, which the compiler folds away).
+
 Each stage runs under a profiler label (`neighbors::fps`, `neighbors::ball_query`,
 `neighbors::group`), which survives TorchScript, so `tools/benchmark.py` can attribute time
 to neighbour search in every inference path, the int8 artifact included.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator, Optional
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "NeighborhoodMemo",
+    "shared_neighborhoods",
     "furthest_point_sample",
     "ball_query",
     "gather_points",
@@ -37,6 +48,89 @@ __all__ = [
     "group_all_quantized",
 ]
 
+
+class NeighborhoodMemo:
+    """Results of farthest point sampling and ball query, reused for equal inputs.
+
+    Both ops depend only on their coordinates and scalar arguments, so a second call with equal
+    coordinates (compared with `torch.equal`, value by value: never by storage address, which a
+    freed and reallocated tensor can share) may return the first call's indices. Coordinates
+    are stored as copies, so mutating the caller's tensor afterwards cannot make a stale entry
+    match. The cost of a hit is one comparison of (B, N, 3) values, against FPS's N // stride
+    sequential steps or ball query's (B, M, N) distances. Returned index tensors are shared
+    between the calls: treat them as read-only (nothing in this module writes to them).
+
+    Attributes:
+        hits: Calls answered from the memo.
+        misses: Calls computed (and stored).
+    """
+
+    def __init__(self) -> None:
+        # keyed by op, scalar arguments and coordinate shapes: one list of stored calls per key
+        self._entries: dict[tuple, list[tuple[tuple[Tensor, ...], tuple[int, ...], Tensor]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        """Distinct calls stored."""
+        return sum(len(entries) for entries in self._entries.values())
+
+    def fetch(self, key: tuple, coords: tuple[Tensor, ...], compute: Callable[[], Tensor]) -> Tensor:
+        """`compute()`'s result for (`key`, `coords`), computed once per distinct value of `coords`.
+
+        Only plain tensors are memoised: tensor subclasses (fake or functional tensors of a
+        tracer) have no values to compare and always compute.
+        """
+        if any(type(c) is not torch.Tensor for c in coords):
+            return compute()
+        key = key + tuple((c.shape, c.dtype, c.device) for c in coords)
+        entries = self._entries.setdefault(key, [])
+        ptrs = tuple(c.data_ptr() for c in coords)
+        # Same storage first (the usual hit), but only ever accepted on equal values.
+        for stored, _, result in sorted(entries, key=lambda entry: entry[1] != ptrs):
+            if all(torch.equal(a, b) for a, b in zip(stored, coords)):
+                self.hits += 1
+                return result
+        result = compute()
+        entries.append((tuple(c.detach().clone() for c in coords), ptrs, result))
+        self.misses += 1
+        return result
+
+
+_ACTIVE_MEMO: Optional[NeighborhoodMemo] = None
+
+
+@contextlib.contextmanager
+def shared_neighborhoods(memo: NeighborhoodMemo | None = None) -> Iterator[NeighborhoodMemo]:
+    """Within the block, FPS and ball query reuse the results of earlier equal calls.
+
+    For several models run on the same clouds: the teacher and the student of a KD step (the
+    engine's `step_context`), or many quantized variants scored on fixed evaluation clouds
+    (`tools/search_qconfig.py`, which passes one `memo` to every block). Results are identical
+    to recomputing. The memo is dropped at the end of the block unless the caller holds it.
+    Inside TorchScript (the int8 artifact) and under `torch.compile`/`torch.export` tracing the
+    ops always compute.
+
+    Yields:
+        The memo in use (its `hits` / `misses` say how much was reused).
+    """
+    global _ACTIVE_MEMO
+    previous, _ACTIVE_MEMO = _ACTIVE_MEMO, memo if memo is not None else NeighborhoodMemo()
+    try:
+        yield _ACTIVE_MEMO
+    finally:
+        _ACTIVE_MEMO = previous
+
+
+def _memoizing() -> bool:
+    """Whether a memo is active and may be used: eager Python, not torch.compile / export tracing."""
+    return _ACTIVE_MEMO is not None and not torch.compiler.is_compiling()
+
+
+def _memoized(key: tuple, coords: tuple[Tensor, ...], op: Callable[..., Tensor], *args: object) -> Tensor:
+    """`op(*args)` through the active memo (Python only: never reached from TorchScript)."""
+    assert _ACTIVE_MEMO is not None
+    return _ACTIVE_MEMO.fetch(key, coords, lambda: op(*args))
 
 
 def _cuda_fps_block_log2(num_points: int) -> int:
@@ -88,6 +182,13 @@ def furthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
     Returns:
         Indices into N, (B, npoint), int64.
     """
+    if not torch.jit.is_scripting():  # folded away by the TorchScript compiler: the memo is Python only
+        if _memoizing():
+            return _memoized(("fps", npoint), (xyz,), _furthest_point_sample, xyz, npoint)
+    return _furthest_point_sample(xyz, npoint)
+
+
+def _furthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
     batch, num_points, _ = xyz.shape
     if not 1 <= npoint <= num_points:
         raise ValueError(f"furthest_point_sample: npoint={npoint} must be in [1, {num_points}]")
@@ -135,6 +236,14 @@ def ball_query(
     Returns:
         Indices into N, (B, M, nsample), int64.
     """
+    if not torch.jit.is_scripting():  # folded away by the TorchScript compiler: the memo is Python only
+        if _memoizing():
+            return _memoized(("ball_query", radius, nsample, max_elements), (support_xyz, query_xyz),
+                             _ball_query, radius, nsample, support_xyz, query_xyz, max_elements)
+    return _ball_query(radius, nsample, support_xyz, query_xyz, max_elements)
+
+
+def _ball_query(radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tensor, max_elements: int) -> Tensor:
     batch, num_support, _ = support_xyz.shape
     num_query = query_xyz.shape[1]
     chunk = max(1, max_elements // max(1, batch * num_support))

@@ -16,6 +16,7 @@ logits. Differences are in form only, for FX graph-mode quantization:
 Only the `dp_fj` aggregation (relative positions concatenated to neighbour features) used by
 every released PointNeXt config is implemented.
 """
+import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -33,6 +34,7 @@ torch.fx.wrap("sample_and_group")
 torch.fx.wrap("local_group")
 torch.fx.wrap("group_all")
 torch.fx.wrap("default_features")
+torch.fx.wrap("checked_inputs")
 
 
 def conv_block(
@@ -66,6 +68,41 @@ def max_over_neighbors(x: Tensor, nsample: int) -> Tensor:
     `torch.max(dim)` there would cost a dequantize/quantize round trip in the int8 model.
     """
     return F.max_pool2d(x, kernel_size=(1, nsample)).squeeze(-1)
+
+
+def checked_inputs(xyz: Tensor, feats: Optional[Tensor], in_channels: int, min_points: int) -> Tensor:
+    """Checks a classifier's inputs and returns the features the encoder sees (default: the coordinates).
+
+    One cheap test of shapes and dtypes at the boundary, so a wrong input fails with a message
+    naming `xyz (B, N, 3)` / `feats (B, C, N)` instead of an IndexError deep in the neighbour ops
+    or a misleading "npoint=0" from FPS. An FX leaf: on a proxy the shapes are unknown, so the
+    test runs when the traced (or converted, or scripted) model runs, not while tracing.
+
+    Args:
+        in_channels: C the first layer expects.
+        min_points: Fewest points the downsampling stages need (the product of their strides:
+            each stage samples npoint = N // stride >= 1 centres).
+
+    Raises:
+        ValueError: Naming the tensor, the expected layout, and what is wrong.
+    """
+    if xyz.dim() != 3 or xyz.shape[2] != 3:
+        raise ValueError(f"PointNeXtCls: xyz (B, N, 3) expected, got shape {list(xyz.shape)}")
+    if not xyz.is_floating_point():
+        raise ValueError(f"PointNeXtCls: xyz (B, N, 3) must be floating point, got {xyz.dtype}")
+    if xyz.shape[1] < min_points:
+        raise ValueError(f"PointNeXtCls: xyz (B, N, 3) has N={xyz.shape[1]} points, but the downsampling stages "
+                         f"need N >= {min_points} (each samples npoint = N // stride >= 1 centres)")
+    if feats is None:
+        return default_features(xyz, feats)
+    expected = [xyz.shape[0], in_channels, xyz.shape[1]]
+    if feats.dim() != 3 or list(feats.shape) != expected:
+        raise ValueError(f"PointNeXtCls: feats (B, C, N) expected {expected} for xyz (B, N, 3) of shape "
+                         f"{list(xyz.shape)} and C={in_channels} input channels, got {list(feats.shape)}")
+    if feats.dtype != xyz.dtype:
+        raise ValueError(f"PointNeXtCls: feats (B, C, N) is {feats.dtype} but xyz (B, N, 3) is {xyz.dtype}; "
+                         "pass both in the model's floating-point dtype")
+    return feats
 
 
 class SetAbstraction(nn.Module):
@@ -297,6 +334,8 @@ class PointNeXtCls(nn.Module):
         self.prediction = ClsHead(num_classes, self.encoder.out_channels, mlps, dropout)
         self.num_classes = num_classes
         self.in_channels = encoder_args.get("in_channels", 3)
+        # N // a // b == N // (a * b): every stage samples >= 1 centre iff N >= the product of the strides
+        self.min_points = math.prod(m.stride for m in self.encoder.modules() if isinstance(m, SetAbstraction) and m.stride > 1)
 
     def forward(self, xyz: torch.Tensor, feats: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Classifies point clouds.
@@ -310,8 +349,11 @@ class PointNeXtCls(nn.Module):
 
         Returns:
             Logits, (B, num_classes).
+
+        Raises:
+            ValueError: xyz is not float (B, N, 3) with N >= `min_points`, or feats not (B, C, N).
         """
-        return self.prediction(self.encoder(xyz, default_features(xyz, feats)))
+        return self.prediction(self.encoder(xyz, checked_inputs(xyz, feats, self.in_channels, self.min_points)))
 
 
 # Variants. Arguments use OpenPoints' names; any can be overridden through `create_model`.

@@ -159,3 +159,34 @@ def test_resume_ignores_and_removes_a_temporary_left_by_a_killed_writer(tmp_path
     resumed = make_engine(tiny(), tmp_path, epochs=2)
     assert resumed.resume() and resumed.epoch == 1
     assert not stale.exists()
+
+
+@pytest.mark.slow  # two FX-prepared students trained for an epoch: ~30 s on a busy 2-core machine
+def test_step_context_wraps_the_forwards_and_shared_neighbourhoods_change_no_bit_of_a_kd_qat_step():
+    """Teacher and fake-quant student search the same clouds' neighbourhoods once per step, with
+    the loss and every gradient bit-identical to searching twice."""
+    import qat
+    from models.neighbors import NeighborhoodMemo, shared_neighborhoods
+
+    memos: list[NeighborhoodMemo] = []
+
+    def recording():
+        memo = NeighborhoodMemo()
+        memos.append(memo)
+        return shared_neighborhoods(memo)
+
+    runs = []
+    for context in (None, recording):
+        student = qat.prepare_qat(tiny().train(), qat.QConfigSpec(), (torch.randn(2, 64, 3),))
+        engine = make_engine(student, epochs=1, teacher=FrozenTeacher(tiny()), alpha=0.5)
+        engine.step_context, engine.val_loader = context or engine.step_context, None
+        grads = []
+        engine.optimizer.step = lambda *a, _s=engine.optimizer.step, **k: (
+            grads.append([p.grad.clone() for p in student.parameters() if p.grad is not None]), _s(*a, **k))[1]
+        history = engine.fit()
+        runs.append((history[0]["train/loss_epoch"], grads, [p.detach().clone() for p in student.parameters()]))
+    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = runs
+    assert loss_a == loss_b and len(grads_a) == len(grads_b) == 4
+    assert all(torch.equal(a, b) for step_a, step_b in zip(grads_a, grads_b) for a, b in zip(step_a, step_b))
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert len(memos) == 4 and all(m.misses == 8 and m.hits == 8 for m in memos)  # the student reused all

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from models import neighbors as N
 from models.neighbors import ball_query, furthest_point_sample, group_all, group_gather, sample_and_group
 
 
@@ -169,3 +170,63 @@ def test_ball_query_matches_kernel_for_points_on_the_sphere(offset):
     support = (query.unsqueeze(2) + 0.3 * directions * scale).reshape(2, 120, 3)
     got = ball_query(0.3, 16, support, query)
     assert torch.equal(got, ball_query_kernel_reference(0.3, 16, support, query))
+
+
+# ---- shared_neighborhoods: reuse across models on the same clouds -------------------------------
+def test_shared_neighborhoods_reuse_equal_clouds_with_identical_results():
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(0))
+    plain_fps, plain_ball = N.furthest_point_sample(xyz, 16), N.ball_query(0.3, 8, xyz, xyz[:, :16])
+    with N.shared_neighborhoods() as memo:
+        first = N.furthest_point_sample(xyz, 16), N.ball_query(0.3, 8, xyz, xyz[:, :16])
+        again = N.furthest_point_sample(xyz.clone(), 16), N.ball_query(0.3, 8, xyz.clone(), xyz[:, :16].clone())
+    assert (memo.hits, memo.misses, len(memo)) == (2, 2, 2)
+    assert again[0] is first[0] and again[1] is first[1]  # served from the memo, equal values
+    assert torch.equal(first[0], plain_fps) and torch.equal(first[1], plain_ball)
+
+
+def test_shared_neighborhoods_never_reuse_across_different_coordinates_or_arguments():
+    gen = torch.Generator().manual_seed(1)
+    xyz, other = torch.rand(2, 64, 3, generator=gen), torch.rand(2, 64, 3, generator=gen)
+    with N.shared_neighborhoods() as memo:
+        N.furthest_point_sample(xyz, 16)
+        assert torch.equal(N.furthest_point_sample(other, 16), N._furthest_point_sample(other, 16))
+        assert N.furthest_point_sample(xyz, 8).shape == (2, 8)  # another npoint: another entry
+        N.ball_query(0.3, 8, xyz, xyz)
+        assert torch.equal(N.ball_query(0.2, 8, xyz, xyz), N._ball_query(0.2, 8, xyz, xyz, 1 << 24))
+        xyz[0, 5] = 0.5  # same storage, new values: equality is by value, never by address
+        assert torch.equal(N.furthest_point_sample(xyz, 16), N._furthest_point_sample(xyz, 16))
+    assert memo.hits == 0 and memo.misses == 6
+
+
+def test_shared_neighborhoods_change_nothing_outside_the_block():
+    xyz = torch.rand(1, 32, 3, generator=torch.Generator().manual_seed(2))
+    with N.shared_neighborhoods() as memo:
+        N.furthest_point_sample(xyz, 8)
+    N.furthest_point_sample(xyz, 8)
+    assert memo.misses == 1 and memo.hits == 0 and N._ACTIVE_MEMO is None
+
+
+def test_scripted_neighbour_ops_compile_without_the_memo_and_ignore_it():
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(3))
+    fps, ball = torch.jit.script(N.furthest_point_sample), torch.jit.script(N.ball_query)
+    assert "memo" not in fps.code.lower() and "memo" not in ball.code.lower()
+    with N.shared_neighborhoods() as memo:
+        assert torch.equal(fps(xyz, 16), N._furthest_point_sample(xyz, 16))
+        assert torch.equal(ball(0.3, 8, xyz, xyz, 1 << 24), N._ball_query(0.3, 8, xyz, xyz, 1 << 24))
+    assert memo.hits == memo.misses == 0
+
+
+def test_shared_neighborhoods_serve_a_second_model_on_the_same_clouds():
+    from models import create_model
+
+    torch.manual_seed(0)
+    teacher, student = create_model("pointnext-s", num_classes=4, width=8).eval(), create_model(
+        "pointnext-s", num_classes=4, width=16).eval()
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = student(xyz)
+        with N.shared_neighborhoods() as memo:
+            teacher(xyz)
+            shared = student(xyz)
+    assert torch.equal(shared, plain)
+    assert memo.misses == 8 and memo.hits == 8  # 4 sampling stages x (FPS, ball query), all reused

@@ -92,8 +92,35 @@ def test_load_checkpoint_missing_file_is_one_clear_error(tmp_path):
 def test_classifier_traces_with_neighbour_ops_as_leaves():
     graph = torch.fx.symbolic_trace(tiny()).graph
     leaves = {n.target.__name__ for n in graph.nodes if n.op == "call_function" and hasattr(n.target, "__name__")}
-    assert {"sample_and_group", "group_all", "default_features"} <= leaves
+    assert {"sample_and_group", "group_all", "checked_inputs"} <= leaves  # the input check runs at run time
     assert "furthest_point_sample" not in leaves and "ball_query" not in leaves
+
+
+@pytest.mark.parametrize("xyz, feats, message", [
+    (torch.randn(2, 64), None, r"xyz \(B, N, 3\) expected, got shape \[2, 64\]"),
+    (torch.randn(2, 64, 4), None, r"xyz \(B, N, 3\) expected, got shape \[2, 64, 4\]"),
+    (torch.randint(0, 5, (2, 64, 3)), None, r"xyz \(B, N, 3\) must be floating point, got torch.int64"),
+    (torch.randn(2, 15, 3), None, r"xyz \(B, N, 3\) has N=15 points, but the downsampling stages need N >= 16"),
+    (torch.randn(2, 64, 3), torch.randn(2, 4, 64), r"feats \(B, C, N\) expected \[2, 3, 64\].*got \[2, 4, 64\]"),
+    (torch.randn(2, 64, 3), torch.randn(2, 3, 63), r"feats \(B, C, N\) expected \[2, 3, 64\].*got \[2, 3, 63\]"),
+    (torch.randn(2, 64, 3), torch.randn(2, 3, 64).double(), r"feats \(B, C, N\) is torch.float64 but xyz"),
+])
+def test_forward_refuses_wrong_inputs_with_a_value_error_naming_the_layout(xyz, feats, message):
+    with pytest.raises(ValueError, match=message):
+        tiny().eval()(xyz, feats)
+
+
+def test_input_check_runs_in_traced_and_scripted_models_and_knows_the_strides():
+    from torch.fx.experimental.optimization import fuse
+
+    model = create_model("pointnext-s", num_classes=4, width=8, strides=(1, 4, 2, 2, 2, 1)).eval()
+    assert model.min_points == 32
+    traced = torch.fx.symbolic_trace(model)
+    assert traced(torch.randn(1, 32, 3)).shape == (1, 4)
+    with pytest.raises(ValueError, match=r"xyz \(B, N, 3\) has N=31 points"):
+        traced(torch.randn(1, 31, 3))
+    with pytest.raises(torch.jit.Error, match=r"ValueError: PointNeXtCls: xyz \(B, N, 3\) has N=31"):
+        torch.jit.script(fuse(model))(torch.randn(1, 31, 3))  # the artifact's route: TorchScript's own error type
 
 
 def test_fx_qat_prepare_and_convert_quantize_every_conv_and_linear():

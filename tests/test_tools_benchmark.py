@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.mark.slow
@@ -22,6 +24,37 @@ def test_benchmark_writes_side_by_side_ratios(tmp_path):
         row["int8"]["median"] / min(row["fp32_eager"]["median"], row["fp32_folded"]["median"]))
     assert 0 < result["size_mb"]["int8_over_fp32"] < 0.5
     assert result["stages_ms"]["int8_batch_1"]["fps"] > 0
-    assert {"fp32_ms", "qat_ms", "kd_qat_ms"} <= result["train_step"].keys()
+    assert {"fp32_ms", "qat_ms", "kd_qat_ms", "kd_qat_shared_ms"} <= result["train_step"].keys()
+    step = result["train_step"]
+    assert step["kd_qat_shared_over_kd_qat"] == pytest.approx(step["kd_qat_shared_ms"] / step["kd_qat_ms"])
+    assert row["int8_over_openpoints_fp32"] == pytest.approx(row["int8"]["median"] / row["openpoints_fp32"]["median"])
     assert [r["points"] for r in result["sweep"]["points"]] == [64, 128]
     assert (tmp_path / "benchmark.png").is_file()
+
+
+def test_openpoints_reference_ops_keep_the_kernel_semantics_of_the_project_ops():
+    """The reference column's straightforward ops compute the same neighbourhoods (random clouds:
+    no exact ties), so the int8 / OpenPoints ratio compares equal work."""
+    import benchmark
+    from models import neighbors
+
+    xyz = torch.rand(2, 128, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(benchmark._fps_straightforward(xyz, 32).long(), neighbors.furthest_point_sample(xyz, 32))
+    for radius, nsample in ((0.05, 8), (0.2, 16), (2.0, 200)):  # empty balls, partial, nsample > N
+        assert torch.equal(benchmark._ball_query_straightforward(radius, nsample, xyz, xyz[:, :40]).long(),
+                           neighbors.ball_query(radius, nsample, xyz, xyz[:, :40]))
+    idx = neighbors.ball_query(0.2, 16, xyz, xyz[:, :40])
+    feats = torch.randn(2, 5, 128)
+    assert torch.equal(benchmark._group_straightforward(feats, idx.int()), neighbors.group_gather(feats, idx))
+
+
+def test_openpoints_reference_builds_and_classifies():
+    pytest.importorskip("openpoints")
+    import benchmark
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"seed": 0, "bench": {"num_classes": 4}, "model": {"width": 8}})
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = benchmark.openpoints_reference(cfg)(xyz, xyz.transpose(1, 2).contiguous())
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()

@@ -45,7 +45,7 @@ def test_reused_neighbourhoods_give_the_same_logits_and_restore_the_functions():
     originals = neighbors.furthest_point_sample, neighbors.ball_query
     model = create_model("pointnext-s", num_classes=4, width=8).eval()
     xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(0))
-    memo = {}
+    memo = neighbors.NeighborhoodMemo()
     with torch.no_grad():
         plain = model(xyz)
         with tool.reused_neighbourhoods(memo=memo):

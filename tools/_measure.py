@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["torch_threads", "time_call", "latency_ms"]
+__all__ = ["torch_threads", "time_call", "time_interleaved", "latency_ms"]
 
 
 @contextmanager
@@ -32,6 +32,20 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[s
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return {"min": min(samples), "median": statistics.median(samples), "max": max(samples)}
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """`time_call` for several callables, one run of each per round, so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"min": min(s), "median": statistics.median(s), "max": max(s)} for name, s in samples.items()}
 
 
 @torch.no_grad()

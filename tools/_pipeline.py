@@ -32,6 +32,7 @@ from distill import (
 )
 from distill import distributed as D
 from models import CheckpointError, create_model, load_checkpoint
+from models.neighbors import shared_neighborhoods
 
 from _logging import RunLogger, progress
 from _measure import latency_ms
@@ -276,6 +277,8 @@ def run_engine(
                                                  for k, v in metrics.items()}, step),
         progress=progress,
         extra_state={"phase": phase, "cfg": OmegaConf.to_container(cfg, resolve=True)},
+        # Teacher and student search the same clouds' neighbourhoods: computed once per step.
+        step_context=shared_neighborhoods if teacher is not None else None,
     )
     if wants_resume(cfg) and engine.resume():
         logger.console(f"resumed {phase} from {engine.checkpoint_path} at epoch {engine.epoch}")

@@ -6,13 +6,18 @@
 
 Paths timed side by side: FP32 eager, FP32 with BN folded (the fair FP32 baseline), and the
 fbgemm int8 model (FX convert → TorchScript, the deployable artifact), all end to end with
-neighbour search. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
+neighbour search; with `bench.openpoints_reference` (default on, when the test-only `openpoints`
+package imports) also OpenPoints' own PointNeXt-S in FP32 with straightforward batched CPU
+versions of its CUDA neighbour ops, the reference issue 8's targets are stated against. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
 quantize/dequantize, head), sizes, peak memory and time against the number of points (each
-size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT.
+size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT
+(KD-QAT twice: teacher and student each searching neighbourhoods, and sharing one search under
+`models.neighbors.shared_neighborhoods`, as the training tools run it).
 Writes `benchmark.json` and `benchmark.png` into the run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import multiprocessing as mp
@@ -32,9 +37,10 @@ from torch.fx.experimental.optimization import fuse as fold_bn  # noqa: E402
 import qat  # noqa: E402
 from distill import DistillationLoss, FrozenTeacher  # noqa: E402
 from models import create_model, load_checkpoint  # noqa: E402
+from models.neighbors import shared_neighborhoods  # noqa: E402
 from qat.export import export_int8, file_size_mb  # noqa: E402
 import _pipeline as P  # noqa: E402
-from _measure import time_call, torch_threads  # noqa: E402
+from _measure import time_call, time_interleaved, torch_threads  # noqa: E402
 
 # Profiler op names → the stages the report shows (first match wins; neighbour labels are ranges).
 STAGES = {
@@ -70,14 +76,95 @@ def build_paths(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     return {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32), "int8": torch.jit.load(str(int8_path))}
 
 
+# ---- OpenPoints' PointNeXt-S with straightforward CPU neighbour ops (the issue's reference) ----
+# The usual pure-PyTorch fallbacks of pointnet2's CUDA ops, batched but not optimised: FPS with a
+# (B, N, 3) distance update per step, ball query by sorting a masked (B, M, N) index matrix,
+# grouping by `gather`. Written independently of models/neighbors.py (that is what is compared).
+def _fps_straightforward(xyz: torch.Tensor, npoint: int) -> torch.Tensor:
+    batch, num_points, _ = xyz.shape
+    picked = torch.zeros(batch, npoint, dtype=torch.long)
+    dist = torch.full((batch, num_points), 1e10)
+    last = torch.zeros(batch, dtype=torch.long)
+    rows = torch.arange(batch)
+    for step in range(1, npoint):
+        dist = torch.minimum(dist, ((xyz - xyz[rows, last].unsqueeze(1)) ** 2).sum(-1))
+        last = dist.argmax(-1)
+        picked[:, step] = last
+    return picked.int()
+
+
+def _ball_query_straightforward(radius: float, nsample: int, xyz: torch.Tensor, new_xyz: torch.Tensor) -> torch.Tensor:
+    batch, num_query, _ = new_xyz.shape
+    num_points = xyz.shape[1]
+    sq_dist = torch.cdist(new_xyz, xyz) ** 2  # (B, M, N)
+    idx = torch.arange(num_points).expand(batch, num_query, num_points).clone()
+    idx[sq_dist >= radius * radius] = num_points
+    idx = idx.sort(dim=-1).values[:, :, :nsample]
+    if idx.shape[-1] < nsample:
+        idx = torch.cat([idx, idx.new_full((batch, num_query, nsample - idx.shape[-1]), num_points)], -1)
+    first = idx[:, :, :1].expand_as(idx)
+    idx = torch.where(idx == num_points, first, idx)
+    return torch.where(idx == num_points, torch.zeros_like(idx), idx).int()  # empty ball: zeros
+
+
+def _group_straightforward(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    batch, channels, _ = features.shape
+    _, num_query, nsample = idx.shape
+    flat = idx.long().reshape(batch, 1, num_query * nsample).expand(batch, channels, -1)
+    return features.gather(2, flat).view(batch, channels, num_query, nsample)
+
+
+def openpoints_reference(cfg: DictConfig) -> torch.nn.Module | None:
+    """OpenPoints' `BaseCls` PointNeXt-S (eval, FP32) as `model(xyz, feats)`, or None with a note
+    when the test-only `openpoints` package (requirements-dev.txt) does not import."""
+    try:
+        import openpoints.models.backbone.pointnext as op_pointnext
+        import openpoints.models.layers.group as op_group
+        from openpoints.models import build_model_from_cfg
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from _openpoints_ref import model_cfg  # the official YAML's model section
+    except ImportError as error:
+        print(f"note: OpenPoints reference skipped ({error}); `pip install -r requirements-dev.txt` adds it")
+        return None
+    patches = [(op_pointnext, "furthest_point_sample", _fps_straightforward),
+               (op_group, "ball_query", _ball_query_straightforward),
+               (op_group, "grouping_operation", _group_straightforward)]
+
+    class Reference(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            saved = [getattr(module, name) for module, name, _ in patches]
+            try:
+                for module, name, fn in patches:  # FPS is bound into each SetAbstraction at build time
+                    setattr(module, name, fn)
+                torch.manual_seed(cfg.seed)
+                self.model = build_model_from_cfg(model_cfg(cfg.bench.num_classes, 3, cfg.model.width)).eval()
+            finally:
+                for (module, name, _), fn in zip(patches, saved):
+                    setattr(module, name, fn)
+
+        def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+            saved = [getattr(module, name) for module, name, _ in patches]
+            try:
+                for module, name, fn in patches[1:]:  # looked up at forward time
+                    setattr(module, name, fn)
+                return self.model({"pos": xyz, "x": feats})
+            finally:
+                for (module, name, _), fn in zip(patches, saved):
+                    setattr(module, name, fn)
+
+    return Reference().eval()
+
+
 @torch.no_grad()
 def latency_table(paths: dict[str, torch.nn.Module], cfg: DictConfig) -> dict[str, dict[str, dict[str, float]]]:
     """Per batch size and path: min/median/max ms, paths interleaved so noise hits all alike."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for batch in cfg.bench.batch_sizes:
         xyz, feats = random_clouds(batch, cfg.bench.points)
-        out[f"batch_{batch}"] = {name: time_call(lambda m=m: m(xyz, feats), cfg.bench.repeats, warmup=3)
-                                 for name, m in paths.items()}
+        out[f"batch_{batch}"] = time_interleaved({name: (lambda m=m: m(xyz, feats)) for name, m in paths.items()},
+                                                 cfg.bench.repeats, warmup=3)
     return out
 
 
@@ -163,7 +250,8 @@ def size_sweep(paths: dict[str, torch.nn.Module], cfg: DictConfig) -> dict[str, 
 
 
 def train_steps(cfg: DictConfig) -> dict[str, float]:
-    """Median ms of one optimizer step: FP32, QAT (fake quant) and KD-QAT (teacher forward + QAT)."""
+    """Median ms of one optimizer step: FP32, QAT (fake quant) and KD-QAT (teacher forward + QAT),
+    KD-QAT without and with the teacher's neighbour search shared with the student; interleaved."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=cfg.bench.num_classes, width=cfg.model.width)
     xyz, feats = random_clouds(cfg.bench.train_batch, cfg.bench.points)
@@ -172,19 +260,26 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     teacher = FrozenTeacher(copy.deepcopy(model))
     loss_fn = DistillationLoss(0.5, 4.0, 0.2)
 
-    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, with_teacher: bool) -> None:
-        t_logits = teacher(xyz, feats) if with_teacher else None
-        loss = loss_fn(student(xyz, feats), label, t_logits)["loss"]
+    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, with_teacher: bool, shared: bool) -> None:
+        with shared_neighborhoods() if shared else contextlib.nullcontext():  # as the engine's step_context
+            t_logits = teacher(xyz, feats) if with_teacher else None
+            loss = loss_fn(student(xyz, feats), label, t_logits)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    out = {}
-    for name, student, kd in (("fp32", model.train(), False), ("qat", prepared, False), ("kd_qat", prepared, True)):
+    variants = {"fp32": (model.train(), False, False), "qat": (prepared, False, False),
+                "kd_qat": (prepared, True, False), "kd_qat_shared": (prepared, True, True)}
+    steps = {}
+    for name, (student, kd, shared) in variants.items():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        out[f"{name}_ms"] = time_call(lambda: step(student, optimizer, kd), cfg.bench.train_repeats, warmup=1)["median"]
+        steps[name] = lambda s=student, o=optimizer, k=kd, sh=shared: step(s, o, k, sh)
+    times = time_interleaved(steps, cfg.bench.train_repeats, warmup=1)
+    out = {f"{name}_ms": t["median"] for name, t in times.items()}
     out["qat_over_fp32"] = out["qat_ms"] / out["fp32_ms"]
     out["kd_qat_over_fp32"] = out["kd_qat_ms"] / out["fp32_ms"]
+    out["kd_qat_shared_over_fp32"] = out["kd_qat_shared_ms"] / out["fp32_ms"]
+    out["kd_qat_shared_over_kd_qat"] = out["kd_qat_shared_ms"] / out["kd_qat_ms"]
     return out
 
 
@@ -220,11 +315,15 @@ def main(cfg: DictConfig) -> None:
         result["size_mb"] = {"fp32_state_dict": P.state_dict_size_mb(paths["fp32_eager"]),
                              "int8_artifact": file_size_mb(run_dir / "model_int8.pt")}
         result["size_mb"]["int8_over_fp32"] = result["size_mb"]["int8_artifact"] / result["size_mb"]["fp32_state_dict"]
-        result["latency_ms"] = latency_table(paths, cfg)
+        reference = openpoints_reference(cfg) if cfg.bench.openpoints_reference else None
+        timed = paths if reference is None else {**paths, "openpoints_fp32": reference}
+        result["latency_ms"] = latency_table(timed, cfg)
         for batch, row in result["latency_ms"].items():
             best = min(row["fp32_eager"]["median"], row["fp32_folded"]["median"])
             row["int8_over_best_fp32"] = row["int8"]["median"] / best
             row["folded_over_eager"] = row["fp32_folded"]["median"] / row["fp32_eager"]["median"]
+            if reference is not None:
+                row["int8_over_openpoints_fp32"] = row["int8"]["median"] / row["openpoints_fp32"]["median"]
         if cfg.bench.profile:
             result["stages_ms"] = {f"{name}_batch_{b}": stage_profile(paths[name], b, cfg.bench.points)
                                    for name in ("fp32_folded", "int8") for b in cfg.bench.batch_sizes}
@@ -242,7 +341,9 @@ def report(result: dict) -> None:
     print(f"{result['model']} width {result['width']}, {result['config']['points']} points, {result['threads']} threads")
     for batch, row in result["latency_ms"].items():
         cells = ", ".join(f"{k} {v['median']:.1f} ms" for k, v in row.items() if isinstance(v, dict))
-        print(f"  {batch}: {cells}; int8/best FP32 = {row['int8_over_best_fp32']:.3f}")
+        versus_reference = (f", int8/OpenPoints FP32 = {row['int8_over_openpoints_fp32']:.3f}"
+                            if "int8_over_openpoints_fp32" in row else "")
+        print(f"  {batch}: {cells}; int8/best FP32 = {row['int8_over_best_fp32']:.3f}{versus_reference}")
     size = result["size_mb"]
     print(f"  size: FP32 {size['fp32_state_dict']:.2f} MB, int8 {size['int8_artifact']:.2f} MB ({size['int8_over_fp32']:.3f}x)")
     for name, stages in result.get("stages_ms", {}).items():
@@ -251,7 +352,9 @@ def report(result: dict) -> None:
     if "train_step" in result:
         t = result["train_step"]
         print(f"  train step: FP32 {t['fp32_ms']:.0f} ms, QAT {t['qat_ms']:.0f} ms ({t['qat_over_fp32']:.2f}x), "
-              f"KD-QAT {t['kd_qat_ms']:.0f} ms ({t['kd_qat_over_fp32']:.2f}x)")
+              f"KD-QAT {t['kd_qat_ms']:.0f} ms ({t['kd_qat_over_fp32']:.2f}x), KD-QAT sharing the neighbour search "
+              f"{t['kd_qat_shared_ms']:.0f} ms ({t['kd_qat_shared_over_fp32']:.2f}x; "
+              f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT)")
     if "sweep" in result:
         s = result["sweep"]
         print("  slopes vs points: " + ", ".join(f"{k.split('slope_')[1]} {v:.2f}" for k, v in s.items() if k.startswith("points_slope")))

@@ -78,45 +78,20 @@ def validate_search_config(cfg: DictConfig) -> Budget:
 
 
 @contextlib.contextmanager
-def reused_neighbourhoods(enabled: bool = True, memo: dict | None = None) -> Iterator[None]:
-    """Memoises farthest point sampling and ball query on the exact bytes of their inputs, in `memo`
-    (pass the same dict to share it between blocks; default: a new one for this block).
+def reused_neighbourhoods(enabled: bool = True, memo: neighbors.NeighborhoodMemo | None = None) -> Iterator[None]:
+    """FPS and ball query computed once per distinct cloud, through `models.neighbors.shared_neighborhoods`.
 
     Exact: both depend only on coordinates, and every configuration sees the same float xyz
     (quantization never touches coordinates; they reach the neighbour leaves in float), so
-    scoring ~100 configurations on the same clouds recomputes the same indices, which is most
-    of a forward on CPU. `sample_and_group` looks both functions up in `models.neighbors` at
-    call time, so replacing them there reaches every traced and converted model. End-to-end
-    latency is timed without it. (A supported switch for this belongs in models/neighbors.py.)
+    scoring ~100 configurations on the same clouds would recompute the same indices, which is
+    most of a forward on CPU. Pass the same `memo` to every block to share it between them;
+    default: a new one for this block. End-to-end latency is timed without it.
     """
     if not enabled:
         yield
         return
-    originals = neighbors.furthest_point_sample, neighbors.ball_query
-    memo = {} if memo is None else memo
-
-    def key(*args: Any) -> tuple:
-        return tuple((a.shape, a.dtype, a.device, a.detach().cpu().numpy().tobytes()) if isinstance(a, torch.Tensor)
-                     else a for a in args)
-
-    def fps(xyz: torch.Tensor, npoint: int) -> torch.Tensor:
-        k = ("fps", *key(xyz, npoint))
-        if k not in memo:
-            memo[k] = originals[0](xyz, npoint)
-        return memo[k]
-
-    def ball_query(radius: float, nsample: int, support_xyz: torch.Tensor, query_xyz: torch.Tensor,
-                   max_elements: int = 1 << 24) -> torch.Tensor:
-        k = ("ball", *key(radius, nsample, support_xyz, query_xyz, max_elements))
-        if k not in memo:
-            memo[k] = originals[1](radius, nsample, support_xyz, query_xyz, max_elements)
-        return memo[k]
-
-    neighbors.furthest_point_sample, neighbors.ball_query = fps, ball_query
-    try:
+    with neighbors.shared_neighborhoods(memo):
         yield
-    finally:
-        neighbors.furthest_point_sample, neighbors.ball_query = originals
 
 
 def search_batches(cfg: DictConfig, d: P.Data) -> tuple[list, list, list]:
@@ -141,7 +116,7 @@ def search_batches(cfg: DictConfig, d: P.Data) -> tuple[list, list, list]:
 
 
 def report_metrics(model: torch.nn.Module, batches: list, num_classes: int, reuse: bool,
-                   memo: dict) -> dict[str, float]:
+                   memo: neighbors.NeighborhoodMemo) -> dict[str, float]:
     """OA / mAcc (percent) on the held-out report half."""
     with reused_neighbourhoods(reuse, memo), torch.no_grad():
         preds = torch.cat([model(*inputs).argmax(dim=1) for inputs, _ in batches])
@@ -166,12 +141,12 @@ def run(cfg: DictConfig) -> None:
     fp32 = fp32.cpu().eval()
     logger.console(f"FP32 model: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     calib, select, report = search_batches(cfg, d)
-    reuse, memo = bool(cfg.search.reuse_neighbourhoods), {}  # one memo for every pass over these clouds
+    reuse, memo = bool(cfg.search.reuse_neighbourhoods), neighbors.NeighborhoodMemo()  # one memo for every pass over these clouds
     logger.console(f"calibration {clouds(calib)} clouds, selection {clouds(select)}, held-out report {clouds(report)}")
     proxy = PTQProxy(fp32, calib, select, context=lambda: reused_neighbourhoods(reuse, memo))
     base_spec = qat.spec_from_config(cfg.qat)
     batch, threads, network_only = cfg.search.latency_batch, cfg.bench.threads, bool(cfg.search.latency_network_only)
-    timing_memo: dict = {}  # latency_ms draws the same seeded clouds every call
+    timing_memo = neighbors.NeighborhoodMemo()  # latency_ms draws the same seeded clouds every call
 
     def measure_latency(model: torch.nn.Module, network: bool = network_only) -> float:
         """Median ms at `batch`; `network`: neighbour search memoised (computed once, in a warm-up run),
