@@ -32,6 +32,8 @@ import yaml
 
 __all__ = [
     "BACKENDS",
+    "FX_BACKENDS",
+    "PT2E_BACKENDS",
     "WEIGHT_SCHEMES",
     "ACTIVATION_OBSERVERS",
     "OVERRIDE_TYPES",
@@ -43,9 +45,15 @@ __all__ = [
     "spec_from_config",
 ]
 
-# Backends whose FX lowering (`convert_fx`) targets x86 CPUs; both use 8-bit weights and the
-# same reduce_range convention. qnnpack (ARM) needs other defaults and is not offered.
-BACKENDS = ("fbgemm", "x86")
+# FX backends: `convert_fx` lowering for x86 CPUs; both use 8-bit weights and the same
+# reduce_range convention. qnnpack (ARM) needs other defaults and is not offered.
+FX_BACKENDS = ("fbgemm", "x86")
+# PT2E backends (qat/pt2e.py): torch.export + torchao's X86InductorQuantizer + Inductor.
+PT2E_BACKENDS = ("pt2e_x86",)
+BACKENDS = FX_BACKENDS + PT2E_BACKENDS
+# Spellings that name the flow too (`qat.backend=fx_fbgemm|pt2e_x86`); stored as the FX name,
+# which is what `torch.ao`'s default qconfig mappings take.
+BACKEND_ALIASES = {"fx_fbgemm": "fbgemm", "fx_x86": "x86"}
 # Weight granularity: one symmetric scale per output channel, or one per tensor.
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 # Activation range estimators: EMA of batch min/max (the QAT default), running min/max
@@ -119,7 +127,10 @@ class QConfigSpec:
     the globals to the rest.
 
     Attributes:
-        backend: Quantized engine the converted model targets ('fbgemm' or 'x86').
+        backend: How the model is quantized and what the converted model runs on: 'fbgemm' (or
+            'fx_fbgemm', the default) and 'x86' (or 'fx_x86') use FX graph mode (`qat/fx.py`,
+            TorchScript artifact); 'pt2e_x86' uses torch.export + torchao's PT2E flow with
+            `X86InductorQuantizer` and Inductor (`qat/pt2e.py`), which refuses per-tensor weights.
         weight: Global weight granularity, 'per_channel' (PyTorch's fbgemm default: one scale
             per output channel, much less error for layers whose channels differ in range) or
             'per_tensor'.
@@ -145,7 +156,9 @@ class QConfigSpec:
     type_overrides: dict[str, LayerChoice] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _choice(self.backend, BACKENDS, "backend")
+        if isinstance(self.backend, str):
+            self.backend = BACKEND_ALIASES.get(self.backend, self.backend)
+        _choice(self.backend, BACKENDS + tuple(BACKEND_ALIASES), "backend")
         _choice(self.weight, WEIGHT_SCHEMES, "weight")
         _choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
         if not isinstance(self.reduce_range, bool):
@@ -167,6 +180,25 @@ class QConfigSpec:
         self.type_overrides = self._overrides(self.type_overrides, "type_overrides")
         for name in self.type_overrides:
             _choice(name, OVERRIDE_TYPES, "type_overrides key")
+        if self.backend in PT2E_BACKENDS:
+            self._check_pt2e()
+
+    def _check_pt2e(self) -> None:
+        """Refuses what the PT2E backend cannot express, naming the field.
+
+        Per-tensor weights: `X86InductorQuantizer` annotates them, but Inductor's x86 int8
+        lowering matches only per-channel weights, so such layers would run dequantize + float
+        (measured: no int8 convolution left after compilation).
+        """
+        choices = [("weight", self.weight)]
+        choices += [(f"module_overrides[{k!r}].weight", c.weight) for k, c in self.module_overrides.items()]
+        choices += [(f"type_overrides[{k!r}].weight", c.weight) for k, c in self.type_overrides.items()]
+        for where, weight in choices:
+            if weight == "per_tensor":
+                raise SpecError(
+                    f"{where}=per_tensor cannot be expressed with backend {self.backend}: Inductor's x86 int8 "
+                    "lowering takes per-channel weights only; use per_channel, or backend fbgemm"
+                )
 
     @staticmethod
     def _overrides(value: Any, where: str) -> dict[str, LayerChoice]:
