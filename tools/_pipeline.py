@@ -292,7 +292,8 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "teacher": {k: cfg.teacher[k] for k in ("model", "width", "epochs")},
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        # the student's lr scale does not touch the teacher: a sweep over it reuses one teacher
+        "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "qat_lr_scale"},
         "sched": OmegaConf.to_container(cfg.sched, resolve=True),
         "label_smoothing": cfg.distill.label_smoothing,
         "batch_size": cfg.train.batch_size,

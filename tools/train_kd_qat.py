@@ -83,6 +83,9 @@ def run(cfg: DictConfig) -> None:
     final = {"test/oa_int8": metrics["oa"], "test/macc_int8": metrics["macc"], "test/oa_fp32": metrics["fp32"]["oa"],
              "test/oa_fakequant": metrics["fakequant"]["oa"], "test/size_mb_int8": metrics["size_mb"],
              "test/latency_ms_int8_batch_1": metrics["latency_ms"]["batch_1"]}
+    # every measured batch size, so a sweep can trade accuracy against the latency it cares about
+    final.update({f"test/latency_ms_int8_{key}": ms for key, ms in metrics["latency_ms"].items()
+                  if key.startswith("batch_")})
     logger.log(final)
     logger.summary(final)
     logger.finish()

@@ -1,0 +1,143 @@
+"""configs/sweep/*.yaml: valid W&B sweeps over real config keys, optimising a metric the training logs.
+
+Checked offline: W&B's own sweep-config validation (the `sweeps` package the W&B server uses),
+the parameters against the composed hydra config of tools/train_kd_qat.py, every combination of
+their values against the tool's own config validation, and the metric against the names the
+tool passes to its logger (read from its source, so renaming a metric breaks this test).
+"""
+import ast
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import sweeps
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from _tools import ROOT, TINY, run_tool
+
+sys.path.insert(0, str(ROOT / "tools"))
+import _pipeline as P  # noqa: E402
+from _wandb_offline import find_offline_runs, read_offline_run  # noqa: E402
+
+SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
+_ABSENT = object()
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def fixed_args(sweep: dict) -> list[str]:
+    """The command's literal hydra arguments (everything but W&B's ${...} macros)."""
+    return [arg for arg in sweep["command"] if not arg.startswith("${")]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train_kd_qat", overrides=overrides)
+
+
+def candidates(spec: dict) -> list:
+    """Values a parameter can take: its list, its constant, or the ends of its range."""
+    if "values" in spec:
+        return list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    return [spec["min"], spec["max"]]
+
+
+def logged_metric_names() -> set[str]:
+    """Metric names tools/train_kd_qat.py hands to `logger.log(...)` / `logger.summary(...)`, from its AST."""
+    tree = ast.parse((ROOT / "tools" / "train_kd_qat.py").read_text())
+    dicts = {target.id: node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+             and isinstance(node.value, ast.Dict) for target in node.targets if isinstance(target, ast.Name)}
+    names = set()
+    for node in ast.walk(tree):
+        is_logger_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        if is_logger_call and node.func.attr in ("log", "summary") and node.args:
+            arg = node.args[0]
+            literal = dicts.get(arg.id) if isinstance(arg, ast.Name) else arg
+            if isinstance(literal, ast.Dict):
+                names |= {k.value for k in literal.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    return names
+
+
+def test_there_are_sweeps_and_the_training_logs_named_metrics():
+    assert len(SWEEPS) >= 3
+    assert "test/oa_int8" in logged_metric_names()  # the AST reader finds the logged names at all
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_passes_wandbs_own_validation(path):
+    sweep = load(path)
+    assert sweeps.schema_violations_from_proposed_config(sweep) == []
+    config = sweeps.SweepConfig(sweep)  # raises jsonschema.ValidationError on what W&B would reject
+    assert sweeps.next_run(config, []) is not None  # and W&B's controller can propose a first run
+
+
+def test_wandb_validation_rejects_a_broken_sweep():
+    """The check above can fail: a misspelt method and an inverted range are reported."""
+    broken = load(SWEEPS[0]) | {"method": "bayesian"}
+    broken["parameters"] = {"distill.alpha": {"min": 1.0, "max": 0.0}}
+    assert len(sweeps.schema_violations_from_proposed_config(broken)) >= 2
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_runs_the_training_tool_with_hydra_key_value_arguments(path):
+    sweep = load(path)
+    assert sweep["program"] == "tools/train_kd_qat.py" and (ROOT / sweep["program"]).is_file()
+    assert sweep["command"][:3] == ["${env}", "${interpreter}", "${program}"]
+    assert sweep["command"][-1] == "${args_no_hyphens}"  # key=value, what hydra parses
+    assert "logger=wandb" in fixed_args(sweep)  # otherwise the run never reports to the sweep
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_metric_is_one_the_training_logs(path):
+    metric = load(path)["metric"]
+    assert metric["name"] in logged_metric_names()
+    assert metric["goal"] == "maximize"  # all our sweep metrics are accuracies
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_parameter_is_a_key_of_the_composed_config(path):
+    sweep = load(path)
+    cfg = compose_train(fixed_args(sweep))
+    for name in sweep["parameters"]:
+        assert OmegaConf.select(cfg, name, default=_ABSENT) is not _ABSENT, f"{path.name}: {name} is no config key"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_the_agents_arguments_compose_and_every_combination_validates(path):
+    """The exact strings W&B's agent builds compose with hydra, and no value combination is rejected
+    by the tool's config validation (e.g. observers frozen before fake quant starts)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    sweep = load(path)
+    proposal = sweeps.next_run(sweeps.SweepConfig(sweep), [])
+    args = create_sweep_command_args({"args": proposal.config})["args_no_hyphens"]
+    cfg = compose_train(fixed_args(sweep) + args)
+    P.validate_config(cfg)
+    names = list(sweep["parameters"])
+    for values in itertools.product(*(candidates(sweep["parameters"][n]) for n in names)):
+        for name, value in zip(names, values):
+            OmegaConf.update(cfg, name, value, merge=False)
+        try:
+            P.validate_config(cfg)
+        except P.ConfigError as err:
+            pytest.fail(f"{path.name}: {dict(zip(names, values))} is rejected: {err}")
+
+
+@pytest.mark.slow
+def test_a_tiny_training_run_puts_the_sweep_metric_in_its_wandb_summary(tmp_path):
+    """End to end, offline: what the sweep optimises is really in the W&B run the tool writes."""
+    run_dir = tmp_path / "run"
+    run_tool("train_kd_qat.py", tmp_path, *TINY, "logger=wandb", f"hydra.run.dir={run_dir}")
+    (offline,) = find_offline_runs(run_dir)
+    summary = read_offline_run(offline).summary
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for path in SWEEPS:
+        assert summary[load(path)["metric"]["name"]] == pytest.approx(metrics["oa"])

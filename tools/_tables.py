@@ -1,0 +1,352 @@
+"""Results tables from run directories: per-run figures, mean ± std over seeds, Markdown/CSV, figures.
+
+Every cell is computed from files the tools wrote (`metrics.json`, `log.jsonl`, or a W&B offline
+run), never typed. A run that is missing or failed contributes nothing to a mean and is counted:
+a cell shows how many seeds it averages (`n=2/3`), and a cell with no run shows `—`, never 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = [
+    "Column", "Record", "Cell", "MAIN_COLUMNS", "QAT_COLUMNS", "figures_from_metrics", "figures_from_wandb",
+    "read_run_dir", "aggregate", "format_cell", "table_markdown", "table_csv", "grid_markdown", "epoch_curves",
+    "plot_pareto", "plot_curves", "plot_heatmap", "read_json", "MISSING", "STATUS_FILE",
+]
+
+MISSING = "—"
+STATUS_FILE = "ablate_status.json"  # written by tools/ablate.py next to each run it launched
+
+
+# ---- what a run measured -------------------------------------------------------------------------
+def _eval_batch_key(latency: dict[str, Any]) -> str | None:
+    """The eval-batch latency key of a `latency_ms` dict (`batch_32`), the one that is not batch 1."""
+    keys = [k for k in latency if re.fullmatch(r"batch_\d+", k) and k != "batch_1"]
+    return max(keys, key=lambda k: int(k.split("_")[1])) if keys else None
+
+
+def figures_from_metrics(m: dict[str, Any]) -> dict[str, float]:
+    """The table's figures of one run, from its metrics.json (FP32 runs are their own reference).
+
+    Ratios divide by the FP32 reference the run measured itself, in the same process: on a noisy
+    machine that is fairer than dividing by another run's FP32 latency.
+    """
+    ref = m.get("fp32", m)
+    lat, ref_lat = m.get("latency_ms") or {}, ref.get("latency_ms") or {}
+    batch = _eval_batch_key(lat)
+    out: dict[str, float] = {"oa": m.get("oa"), "macc": m.get("macc"), "size_mb": m.get("size_mb"),
+                             "ms_b1": lat.get("batch_1"), "ms_bB": lat.get(batch) if batch else None,
+                             "threads": lat.get("threads"), "eval_batch": int(batch.split("_")[1]) if batch else None,
+                             "num_points": m.get("num_points"), "fq_oa": (m.get("fakequant") or {}).get("oa")}
+    if out["size_mb"] is not None and ref.get("size_mb"):
+        out["size_ratio"] = out["size_mb"] / ref["size_mb"]
+    if out["ms_b1"] and ref_lat.get("batch_1"):
+        out["speedup_b1"] = ref_lat["batch_1"] / out["ms_b1"]
+    if out["ms_bB"] and batch and ref_lat.get(batch):
+        out["speedup_bB"] = ref_lat[batch] / out["ms_bB"]
+    if out["oa"] is not None and ref.get("oa") is not None:
+        out["delta_oa"] = out["oa"] - ref["oa"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+# What the training logs to W&B (tools/train_kd_qat.py, `final`) → the table's figure names.
+WANDB_SUMMARY_KEYS = {"test/oa_int8": "oa", "test/macc_int8": "macc", "test/size_mb_int8": "size_mb",
+                  "test/latency_ms_int8_batch_1": "ms_b1", "test/oa_fakequant": "fq_oa"}
+
+
+def figures_from_wandb(summary: dict[str, Any]) -> dict[str, float]:
+    """The figures a W&B run's summary holds; a whole metrics.json under `metrics` wins when logged."""
+    if isinstance(summary.get("metrics"), dict):
+        return figures_from_metrics(summary["metrics"])
+    out = {name: float(summary[key]) for key, name in WANDB_SUMMARY_KEYS.items()
+           if isinstance(summary.get(key), (int, float))}
+    if "oa" in out and isinstance(summary.get("test/oa_fp32"), (int, float)):
+        out["delta_oa"] = out["oa"] - float(summary["test/oa_fp32"])
+    return out
+
+
+@dataclass
+class Record:
+    """One (row, seed) of a table: its figures when it finished, else why it did not."""
+
+    status: str                       # ok | failed | missing
+    figures: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/oa_fakequant)
+    reason: str = ""
+    source: str = ""
+
+
+def epoch_curves(log_records: Sequence[dict[str, Any]], key: str = "val/oa_fakequant") -> list[tuple[int, float]]:
+    """(epoch, value) of the student's per-epoch validation records (teacher records are prefixed)."""
+    points = {}
+    for rec in log_records:
+        if "epoch" in rec and isinstance(rec.get(key), (int, float)):
+            points[int(rec["epoch"])] = float(rec[key])  # a resumed epoch: the last record wins
+    return sorted(points.items())
+
+
+def read_run_dir(path: Path, seed: int, expected_overrides: Sequence[str] | None = None) -> Record:
+    """The Record of one run directory: ok only with a readable metrics.json of the right seed.
+
+    Args:
+        expected_overrides: The overrides tools/ablate.py would launch this run with; a run it
+            launched with others (its status file says so) is stale and counts as missing.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return Record("missing", reason="never run", source=str(path))
+    status = read_json(path / STATUS_FILE)
+    if status is not None and expected_overrides is not None and status.get("overrides") != list(expected_overrides):
+        return Record("missing", reason="made with other settings (stale); rerun", source=str(path))
+    if status is not None and status.get("returncode") not in (0, None):
+        return Record("failed", reason=status.get("reason") or f"exit code {status['returncode']}", source=str(path))
+    if status is not None and status.get("reason"):
+        return Record("failed", reason=status["reason"], source=str(path))
+    metrics = read_json(path / "metrics.json")
+    if metrics is None:
+        why = "metrics.json unreadable" if (path / "metrics.json").exists() else "no metrics.json (killed or running)"
+        return Record("failed", reason=why, source=str(path))
+    if metrics.get("seed") is not None and metrics["seed"] != seed:
+        return Record("failed", reason=f"metrics.json has seed {metrics['seed']}, expected {seed}", source=str(path))
+    log = []
+    if (path / "log.jsonl").is_file():
+        for line in (path / "log.jsonl").read_text().splitlines():
+            try:
+                log.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    return Record("ok", figures_from_metrics(metrics), epoch_curves(log), source=str(path))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+# ---- mean ± std over seeds -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    mean: float | None
+    std: float | None   # sample std (n − 1); None below two runs
+    n: int
+    expected: int
+
+
+def aggregate(values: Sequence[float | None], expected: int) -> Cell:
+    """Mean and sample std of the values that exist; `None` (missing or failed runs) is counted, not averaged."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return Cell(None, None, 0, expected)
+    return Cell(statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None,
+                len(present), expected)
+
+
+def format_cell(cell: Cell, fmt: str = "{:.2f}") -> str:
+    """`72.25 ± 0.50`, with `(n=2/3)` when runs are missing, `— (n=0/3)` when none finished."""
+    if cell.mean is None:
+        return f"{MISSING} (n=0/{cell.expected})"
+    text = fmt.format(cell.mean)
+    if cell.std is not None:  # same decimals as the mean, never a sign
+        text += " ± " + fmt.replace("+", "").format(cell.std)
+    return text + (f" (n={cell.n}/{cell.expected})" if cell.n < cell.expected else "")
+
+
+# ---- tables --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    key: str        # figure name (figures_from_metrics)
+    header: str     # may hold {batch}: the eval batch size
+    fmt: str = "{:.2f}"
+
+
+MAIN_COLUMNS = (
+    Column("oa", "OA %"), Column("macc", "mAcc %"), Column("size_mb", "size MB", "{:.3f}"),
+    Column("size_ratio", "size ×FP32", "{:.3f}"), Column("ms_b1", "ms b=1", "{:.1f}"),
+    Column("ms_bB", "ms b={batch}", "{:.1f}"), Column("speedup_b1", "speed-up b=1"),
+    Column("speedup_bB", "speed-up b={batch}"), Column("delta_oa", "ΔOA pts", "{:+.2f}"),
+)
+# Ablations of the quantized student: its fake-quant OA too (what the training validated).
+QAT_COLUMNS = (
+    Column("oa", "int8 OA %"), Column("macc", "int8 mAcc %"), Column("fq_oa", "fake-quant OA %"),
+    Column("delta_oa", "ΔOA vs FP32 pts", "{:+.2f}"), Column("size_mb", "size MB", "{:.3f}"),
+    Column("ms_bB", "ms b={batch}", "{:.1f}"), Column("speedup_bB", "speed-up b={batch}"),
+)
+
+
+def _row_cells(records: Sequence[Record], columns: Sequence[Column]) -> list[Cell]:
+    return [aggregate([r.figures.get(c.key) if r.status == "ok" else None for r in records], len(records))
+            for c in columns]
+
+
+def table_markdown(rows: Sequence[tuple[str, Sequence[Record]]], columns: Sequence[Column], batch: int | str) -> str:
+    """One line per row: label, the cells (mean ± std over its seeds), runs finished / expected."""
+    header = ["", *[c.header.format(batch=batch) for c in columns], "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, records in rows:
+        cells = [format_cell(cell, c.fmt) for cell, c in zip(_row_cells(records, columns), columns)]
+        ok = sum(r.status == "ok" for r in records)
+        lines.append("| " + " | ".join([label, *cells, f"{ok}/{len(records)}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: Sequence[tuple[str, Sequence[Record]]], columns: Sequence[Column],
+              extra: dict[str, Sequence[str]] | None = None) -> str:
+    """Machine-readable twin of the Markdown: per column its mean, std and n (empty when missing)."""
+    extra = extra or {}
+    header = ["row", *extra, *[f"{c.key}_{s}" for c in columns for s in ("mean", "std", "n")],
+              "runs_ok", "runs_expected"]
+    lines = [",".join(header)]
+    for i, (label, records) in enumerate(rows):
+        values = [label, *[vals[i] for vals in extra.values()]]
+        for cell in _row_cells(records, columns):
+            values += ["" if cell.mean is None else repr(cell.mean), "" if cell.std is None else repr(cell.std),
+                       str(cell.n)]
+        values += [str(sum(r.status == "ok" for r in records)), str(len(records))]
+        lines.append(",".join(f'"{v}"' if "," in v else v for v in values))
+    return "\n".join(lines) + "\n"
+
+
+def grid_markdown(grid: dict[tuple[Any, Any], Sequence[Record]], row_values: Sequence[Any], col_values: Sequence[Any],
+                  row_name: str, col_name: str, key: str = "oa") -> str:
+    """A 2-D table (rows × columns of a sweep) of one figure, mean ± std (n) per cell."""
+    lines = ["| " + " | ".join([f"{row_name} \\ {col_name}", *[str(c) for c in col_values]]) + " |",
+             "|" + "---|" * (len(col_values) + 1)]
+    for r in row_values:
+        cells = [format_cell(aggregate([x.figures.get(key) if x.status == "ok" else None for x in grid[(r, c)]],
+                                       len(grid[(r, c)]))) for c in col_values]
+        lines.append("| " + " | ".join([str(r), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- figures -------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Atomic PNG write (temp file + rename), then the figure is closed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png", dpi=120)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch: int | str, title: str) -> list[str]:
+    """OA vs latency at the eval batch (mean ± std over seeds); the Pareto front joined and starred.
+
+    Returns the labels on the front (lowest latency first); rows without both figures are left out
+    of the plot and named in its caption.
+    """
+    from qat.search import pareto_front  # (cost, accuracy) → indices no other point beats
+
+    plt = _pyplot()
+    points, labels, errs, absent = [], [], [], []
+    for label, records in rows:
+        lat, acc = (aggregate([r.figures.get(k) if r.status == "ok" else None for r in records], len(records))
+                    for k in ("ms_bB", "oa"))
+        if lat.mean is None or acc.mean is None:
+            absent.append(label)
+            continue
+        points.append((lat.mean, acc.mean))
+        errs.append((lat.std or 0.0, acc.std or 0.0))
+        labels.append(label)
+    front = pareto_front(points) if points else []
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, ((x, y), (ex, ey), label) in enumerate(zip(points, errs, labels)):
+        on = i in front
+        ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="*" if on else "o", ms=11 if on else 6, capsize=3,
+                    color="tab:red" if on else "tab:blue")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if len(front) > 1:
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", lw=1,
+                label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"latency, ms at batch {batch} (median, mean over seeds)")
+    ax.set_ylabel("test OA %")
+    ax.set_title(title + (f"\n(no figures: {', '.join(absent)})" if absent else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return [labels[i] for i in front]
+
+
+def plot_curves(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, title: str) -> bool:
+    """Per-epoch validation OA of the fake-quant student: mean over seeds, band = min..max.
+
+    Returns False (and writes nothing) when no row has a curve.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = False
+    for label, records in rows:
+        by_epoch: dict[int, list[float]] = {}
+        for r in records:
+            if r.status == "ok":
+                for epoch, value in r.curve:
+                    by_epoch.setdefault(epoch, []).append(value)
+        if not by_epoch:
+            continue
+        epochs = sorted(by_epoch)
+        mean = [statistics.fmean(by_epoch[e]) for e in epochs]
+        n = max(len(v) for v in by_epoch.values())
+        ax.plot([e + 1 for e in epochs], mean, "o-", label=f"{label} (n={n})")
+        ax.fill_between([e + 1 for e in epochs], [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
+                        alpha=0.2)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.set_xlabel("student epoch")
+    ax.set_ylabel("val OA % (fake-quant student)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_heatmap(grid: dict[tuple[Any, Any], Sequence[Record]], row_values: Sequence[Any], col_values: Sequence[Any],
+                 path: Path, row_name: str, col_name: str, title: str, key: str = "oa") -> None:
+    """Heat map of one figure over a 2-D sweep; each cell annotated with mean, std and n (blank if missing)."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = np.full((len(row_values), len(col_values)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.3 * len(col_values) + 2.5, 0.8 * len(row_values) + 1.8))
+    for i, r in enumerate(row_values):
+        for j, c in enumerate(col_values):
+            records = grid[(r, c)]
+            cell = aggregate([x.figures.get(key) if x.status == "ok" else None for x in records], len(records))
+            if cell.mean is not None:
+                values[i, j] = cell.mean
+            text = MISSING if cell.mean is None else f"{cell.mean:.2f}"
+            if cell.std is not None:
+                text += f"\n±{cell.std:.2f}"
+            ax.text(j, i, f"{text}\nn={cell.n}/{cell.expected}", ha="center", va="center", fontsize=7)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="int8 OA %")
+    ax.set_xticks(range(len(col_values)), [str(c) for c in col_values])
+    ax.set_yticks(range(len(row_values)), [str(r) for r in row_values])
+    ax.set_xlabel(col_name)
+    ax.set_ylabel(row_name)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

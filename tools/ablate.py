@@ -1,0 +1,368 @@
+"""The paper's tables, regenerated from run directories: main, kd (α × T), schedule, qconfig.
+
+    python tools/ablate.py table=main                        # runs what is missing, writes results/main/
+    python tools/ablate.py table=kd seeds=[0]                # the α × T grid: table + heat map
+    python tools/ablate.py table=main collect_only=true      # tables from existing runs only
+    python tools/ablate.py table=main profile=full 'overrides=["dataset.root=/data/modelnet40_ply_hdf5_2048"]'
+    python tools/ablate.py table=main collect_only=true 'wandb_dirs=[/sync/wandb]'   # from W&B offline runs
+    python tools/ablate.py table=kd launcher=submitit_slurm   # one hydra multirun per row, seeds in parallel
+
+Each (row, seed) is one call of an existing tool (`train_kd_qat.py`, `quantize.py`, and
+`search_qconfig.py` before a searched row) in its own process and run directory,
+`results/<table>/runs/<profile>/<row>/seed<S>/`, with `'+experiment=[<profile>,<row preset>]'`:
+a failing run cannot take the others down, and a finished run is not repeated (same settings).
+With `launcher=<hydra launcher>` each row is instead one hydra multirun over its seeds (same dirs).
+Then every cell is read back from the runs' metrics.json / log.jsonl (tools/_tables.py) and
+written as `results/<table>/<profile>.md`, `.csv` and PNG figures.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's packages
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import _tables as T  # noqa: E402
+from _pipeline import write_json  # noqa: E402
+from _wandb_offline import find_offline_runs, read_offline_run  # noqa: E402
+
+
+class AblateError(ValueError):
+    """A table, row or option that cannot work; printed as one line."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration of a table, run once per seed."""
+
+    name: str                       # run directory name (results/<table>/runs/<profile>/<name>/seed<S>)
+    experiment: str                 # configs/experiment/<experiment>.yaml (after the profile preset)
+    tool: str = "train_kd_qat.py"
+    extra: tuple[str, ...] = ()     # overrides beyond the preset (the kd grid's α and T)
+    search: bool = False            # takes qat.qconfig from this seed's qconfig search
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    run: Run
+    params: tuple[Any, ...] = ()    # grid coordinates (kd table)
+
+
+SEARCH = "search"  # run name of the qconfig search that searched rows depend on
+
+
+# ---- the tables ------------------------------------------------------------------------------------
+def table_rows(cfg: DictConfig) -> list[Row]:
+    """The rows of `cfg.table` from `cfg.tables`, restricted to `cfg.rows` when given."""
+    if cfg.table not in cfg.tables:
+        raise AblateError(f"table={cfg.table}: use one of {', '.join(cfg.tables)}")
+    spec = cfg.tables[cfg.table]
+    if "grid" in spec:
+        (row_key, row_values), (col_key, col_values) = spec.grid.items()
+        rows = []
+        for a in row_values:
+            for t in col_values:
+                # no KD term at α = 0: T changes nothing, so one run (the first T) serves the whole row
+                run_t = col_values[0] if row_key == "distill.alpha" and float(a) == 0.0 else t
+                rows.append(Row(f"α={a}, T={t}", Run(f"alpha{a}_T{run_t}", spec.experiment,
+                                                     extra=(f"{row_key}={a}", f"{col_key}={run_t}")), (a, t)))
+    else:
+        rows = [Row(r.label, Run(r.name, r.experiment, r.get("tool", "train_kd_qat.py"), search=bool(r.get("search"))))
+                for r in spec.rows]
+    if cfg.rows is not None:
+        unknown = set(cfg.rows) - {r.run.name for r in rows}
+        if unknown:
+            raise AblateError(f"rows={list(cfg.rows)}: no row {sorted(unknown)} in table {cfg.table}; "
+                              f"rows are {[r.run.name for r in rows]}")
+        rows = [r for r in rows if r.run.name in cfg.rows]
+    return rows
+
+
+def runs_in_order(rows: list[Row], profile: str) -> list[Run]:
+    """Distinct runs, a qconfig search placed before the first row that needs it."""
+    runs: list[Run] = []
+    for row in rows:
+        if row.run.search and all(r.name != SEARCH for r in runs):
+            runs.append(Run(SEARCH, f"search_{profile}", "search_qconfig.py"))
+        if row.run not in runs:
+            runs.append(row.run)
+    return runs
+
+
+def run_dir(cfg: DictConfig, run: Run, seed: int) -> Path:
+    return Path(cfg.results_dir).resolve() / cfg.table / "runs" / cfg.profile / run.name / f"seed{seed}"
+
+
+def run_overrides(cfg: DictConfig, run: Run, seed: int) -> list[str]:
+    """Everything that determines a run's result (its status file records them; a change reruns it)."""
+    overrides = [f"+experiment=[{cfg.profile},{run.experiment}]", f"seed={seed}", *run.extra]
+    if run.search:
+        overrides.append(f"qat.qconfig={run_dir(cfg, Run(SEARCH, ''), seed) / 'qconfig.yaml'}")
+    return overrides + list(cfg.overrides)
+
+
+def run_identity(cfg: DictConfig, run: Run, seed: int) -> list[str]:
+    """`run_overrides` with the results folder as `<results>`: what a status file records and is compared
+    with, so that moving results/ (or the repository) does not make finished runs look stale."""
+    root = str(Path(cfg.results_dir).resolve())
+    return [o.replace(root, "<results>") for o in run_overrides(cfg, run, seed)]
+
+
+def logging_overrides(cfg: DictConfig, run: Run) -> list[str]:
+    """Where a run logs (not part of its identity: switching W&B on does not rerun anything)."""
+    if not cfg.wandb:
+        return []
+    return ["logger=wandb", f"logger.tags=[ablate.{cfg.table}.{cfg.profile}.{run.name}]"]
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def finished(cfg: DictConfig, run: Run, seed: int) -> bool:
+    """A usable result exists: launched here with these settings, or made by hand (no status file,
+    e.g. by the equivalent hydra multirun), and finished (a search: qconfig.yaml; a row: metrics.json)."""
+    path = run_dir(cfg, run, seed)
+    status = T.read_json(path / T.STATUS_FILE)
+    expected = run_identity(cfg, run, seed) if status is not None else None
+    if run.name == SEARCH:
+        return (path / "qconfig.yaml").is_file() and (status is None or (
+            status.get("returncode") == 0 and status.get("overrides") == expected))
+    return T.read_run_dir(path, seed, expected).status == "ok"
+
+
+def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
+    """Runs one tool in a fresh process and run directory; records the outcome in ablate_status.json."""
+    path = run_dir(cfg, run, seed)
+    if path.exists():
+        shutil.rmtree(path)  # a failed or stale run of ours: start clean (log.jsonl appends)
+    path.mkdir(parents=True)
+    overrides = run_overrides(cfg, run, seed)
+    status: dict[str, Any] = {"overrides": run_identity(cfg, run, seed), "tool": run.tool, "returncode": None,
+                              "reason": ""}
+    search_dir = run_dir(cfg, Run(SEARCH, ""), seed)
+    if run.search and not (search_dir / "qconfig.yaml").is_file():
+        status["reason"] = f"the qconfig search it needs did not finish (see {search_dir})"
+        write_json(path / T.STATUS_FILE, status)
+        return None, status["reason"]
+    python = cfg.python or sys.executable
+    command = [python, str(ROOT / "tools" / run.tool), *overrides, *logging_overrides(cfg, run),
+               f"hydra.run.dir={path}"]
+    start = time.monotonic()
+    with open(path / "ablate_output.log", "w") as out:
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+    status.update(returncode=proc.returncode, seconds=round(time.monotonic() - start, 1), command=command,
+                  reason="" if proc.returncode == 0 else failure_reason((path / "ablate_output.log").read_text(),
+                                                                         proc.returncode))
+    write_json(path / T.STATUS_FILE, status)
+    return proc.returncode, status["reason"]
+
+
+def failure_reason(output: str, returncode: int) -> str:
+    """One line saying why a run failed: the tool's `error: ...` line, else the exception's."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error:"):
+            return lines[i][:300]
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt):", lines[i]):
+            message = lines[i] if not lines[i].endswith(":") or i + 1 == len(lines) else f"{lines[i]} {lines[i + 1]}"
+            return message[:300]
+    return f"exit code {returncode}"
+
+
+def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, str]:
+    """One hydra multirun of `run` over `seeds` with `hydra/launcher=<cfg.launcher>` (e.g. submitit_slurm:
+    the seeds run in parallel on a cluster), into the same run directories as `launch` uses."""
+    ready = [s for s in seeds if not run.search or (run_dir(cfg, Run(SEARCH, ""), s) / "qconfig.yaml").is_file()]
+    for seed in seeds:
+        path = run_dir(cfg, run, seed)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        if seed not in ready:
+            write_json(path / T.STATUS_FILE, {"overrides": run_identity(cfg, run, seed), "returncode": None,
+                                              "reason": "the qconfig search it needs did not finish"})
+    if not ready:
+        return 1, "no seed has its qconfig search"
+    # the per-seed overrides with the seed as hydra's sweep axis (the searched spec path interpolates it)
+    shared = [o.replace(f"seed{ready[0]}/", "seed${seed}/") for o in run_overrides(cfg, run, ready[0])
+              if o != f"seed={ready[0]}"]
+    base = run_dir(cfg, run, ready[0]).parent
+    command = [cfg.python or sys.executable, str(ROOT / "tools" / run.tool), "-m", *shared,
+               f"seed={','.join(map(str, ready))}", *logging_overrides(cfg, run), f"hydra/launcher={cfg.launcher}",
+               f"hydra.sweep.dir={base}", "hydra.sweep.subdir=seed${seed}"]
+    start = time.monotonic()
+    with open(base / "ablate_multirun_output.log", "w") as out:
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+    reason = failure_reason((base / "ablate_multirun_output.log").read_text(), proc.returncode)
+    for seed in ready:  # a seed without metrics.json failed (or never started: the basic launcher stops at a failure)
+        path = run_dir(cfg, run, seed)
+        done = (path / "metrics.json").is_file() or (run.name == SEARCH and (path / "qconfig.yaml").is_file())
+        write_json(path / T.STATUS_FILE, {
+            "overrides": run_identity(cfg, run, seed), "tool": run.tool, "command": command,
+            "returncode": 0 if done else (proc.returncode or 1), "seconds": round(time.monotonic() - start, 1),
+            "reason": "" if done else (reason if proc.returncode else "no result written")})
+    return proc.returncode, "" if proc.returncode == 0 else reason
+
+
+def run_all(cfg: DictConfig, runs: list[Run]) -> None:
+    """Every (seed, run) that has not finished: seed by seed (so early seeds complete first), or with
+    `launcher=` one hydra multirun per row over its unfinished seeds."""
+    if cfg.launcher:
+        for i, run in enumerate(runs, 1):
+            seeds = [s for s in cfg.seeds if cfg.rerun or not finished(cfg, run, s)]
+            where = f"[{i}/{len(runs)}] {cfg.table}/{run.name} seeds {seeds}"
+            if seeds:
+                code, reason = launch_multirun(cfg, run, seeds)
+                print(f"{where}: {'ok' if code == 0 else f'FAILED ({reason})'}", flush=True)
+            else:
+                print(f"{where}: finished earlier, kept", flush=True)
+        return
+    todo = [(seed, run) for seed in cfg.seeds for run in runs]
+    for i, (seed, run) in enumerate(todo, 1):
+        where = f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}"
+        if not cfg.rerun and finished(cfg, run, seed):
+            print(f"{where}: finished earlier, kept", flush=True)
+            continue
+        print(f"{where}: {run.tool} {' '.join(run_overrides(cfg, run, seed))}", flush=True)
+        start = time.monotonic()
+        code, reason = launch(cfg, run, seed)
+        outcome = "ok" if code == 0 else f"FAILED ({reason})"
+        print(f"{where}: {outcome} in {time.monotonic() - start:.0f} s", flush=True)
+
+
+# ---- collecting ------------------------------------------------------------------------------------
+def wandb_records(cfg: DictConfig) -> dict[tuple[str, int], T.Record]:
+    """(run name, seed) → Record from W&B offline runs tagged ablate.<table>.<profile>.<run name>."""
+    prefix = f"ablate.{cfg.table}.{cfg.profile}."
+    found: dict[tuple[str, int], T.Record] = {}
+    for root in cfg.wandb_dirs:
+        if not Path(root).exists():
+            raise AblateError(f"wandb_dirs: {root} does not exist")
+        for path in find_offline_runs(Path(root)):
+            offline = read_offline_run(path)
+            for tag in (t for t in offline.tags if t.startswith(prefix)):
+                seed = offline.config.get("seed")
+                figures = T.figures_from_wandb(offline.summary)
+                ok = offline.exit_code == 0 and "oa" in figures
+                found[(tag[len(prefix):], seed)] = T.Record(
+                    "ok" if ok else "failed", figures if ok else {}, T.epoch_curves(offline.history),
+                    "" if ok else f"W&B run exited {offline.exit_code}", source=str(path))
+    return found
+
+
+def collect(cfg: DictConfig, rows: list[Row]) -> dict[tuple[str, int], T.Record]:
+    """A Record for every (run, seed): from its run directory, else from W&B, else missing."""
+    from_wandb = wandb_records(cfg) if cfg.wandb_dirs else {}
+    records = {}
+    for run in {row.run for row in rows}:
+        for seed in cfg.seeds:
+            path = run_dir(cfg, run, seed)
+            status = T.read_json(path / T.STATUS_FILE)  # none: a run made by hand, taken as it is
+            record = T.read_run_dir(path, seed, run_identity(cfg, run, seed) if status is not None else None)
+            if record.status != "ok" and (run.name, seed) in from_wandb:
+                record = from_wandb[(run.name, seed)]
+            records[(run.name, seed)] = record
+    return records
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def _stated(records: list[T.Record], key: str) -> str:
+    values = sorted({int(r.figures[key]) for r in records if r.status == "ok" and key in r.figures})
+    return "/".join(map(str, values)) if values else "?"
+
+
+def _relative(source: str, base: Path) -> str:
+    """A run's path as seen from the table's folder, so the Markdown stays valid when results/ moves."""
+    return os.path.relpath(source, base) if source.startswith("/") else source
+
+
+def row_records(cfg: DictConfig, rows: list[Row],
+                records: dict[tuple[str, int], T.Record]) -> list[tuple[str, list[T.Record]]]:
+    """(label, one Record per seed) for each row, in the table's order."""
+    return [(row.label, [records[(row.run.name, s)] for s in cfg.seeds]) for row in rows]
+
+
+def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int], T.Record]) -> Path:
+    """`<profile>.md`, `<profile>.csv` and the figures of the table in results/<table>/."""
+    out = Path(cfg.results_dir).resolve() / cfg.table
+    out.mkdir(parents=True, exist_ok=True)
+    spec = cfg.tables[cfg.table]
+    columns = T.MAIN_COLUMNS if spec.columns == "main" else T.QAT_COLUMNS
+    by_row = row_records(cfg, rows, records)
+    everything = [r for _, rs in by_row for r in rs]
+    batch = _stated(everything, "eval_batch")
+    name = cfg.profile
+    parts = [f"# Table `{cfg.table}`, profile `{cfg.profile}`, seeds {list(cfg.seeds)}\n"]
+    extra = None
+    if "grid" in spec:
+        (row_key, row_values), (col_key, col_values) = spec.grid.items()
+        grid = {row.params: recs for row, (_, recs) in zip(rows, by_row)}
+        row_values = [a for a in row_values if any(p[0] == a for p in grid)]
+        col_values = [t for t in col_values if any(p[1] == t for p in grid)]
+        parts += [f"int8 OA % (rows {row_key}, columns {col_key}):\n", T.grid_markdown(grid, row_values, col_values,
+                                                                                        "α", "T"), "All figures:\n"]
+        T.plot_heatmap(grid, row_values, col_values, out / f"{name}_heatmap.png", row_key, col_key,
+                       f"int8 OA, {cfg.table} table ({cfg.profile})")
+        parts.append(f"![heat map]({name}_heatmap.png)\n")
+        extra = {row_key: [str(r.params[0]) for r in rows], col_key: [str(r.params[1]) for r in rows]}
+    parts.append(T.table_markdown(by_row, columns, batch))
+    (out / f"{name}.csv").write_text(T.table_csv(by_row, columns, extra))
+    parts.append(
+        f"\nCells: mean ± sample std over the seeds that finished; `(n=k/N)`: only k of N runs finished; "
+        f"`{T.MISSING}`: none did. Latency: median CPU ms, {_stated(everything, 'threads')} threads, "
+        f"{_stated(everything, 'num_points')} points, end to end (neighbour search included), int8 timed from the "
+        f"reloaded TorchScript artifact; size ratios, speed-ups and ΔOA are against the FP32 model measured in the "
+        f"same run.\n")
+    if "grid" not in spec:
+        front = T.plot_pareto(by_row, out / f"{name}_pareto.png", batch, f"{cfg.table} table ({cfg.profile})")
+        parts.append(f"![accuracy vs latency]({name}_pareto.png)\n\nPareto front (OA vs ms b={batch}): "
+                     f"{', '.join(front) or 'none'}.\n")
+    curves = [(label, recs) for (label, recs), row in zip(by_row, rows) if row.run.name in spec.get("curves", [])]
+    if curves and T.plot_curves(curves, out / f"{name}_curves.png", f"{cfg.table} table ({cfg.profile})"):
+        parts.append(f"![validation curves]({name}_curves.png)\n")
+    problems = [f"- {row.label}, seed {s}: {records[(row.run.name, s)].status} — {records[(row.run.name, s)].reason} "
+                f"(`{_relative(records[(row.run.name, s)].source, out)}`)" for row in rows for s in cfg.seeds
+                if records[(row.run.name, s)].status != "ok"]
+    if problems:
+        parts += ["\nMissing or failed runs (not in any mean):\n", *dict.fromkeys(problems)]
+    seconds = [(T.read_json(run_dir(cfg, run, s) / T.STATUS_FILE) or {}).get("seconds")
+               for run in runs_in_order(rows, cfg.profile) for s in cfg.seeds]
+    if any(seconds):
+        parts.append(f"\nWall clock of the runs launched by tools/ablate.py (from their {T.STATUS_FILE}): "
+                     f"{sum(x for x in seconds if x) / 60:.1f} min over {sum(1 for x in seconds if x)} runs.\n")
+    parts.append(f"\nRuns: `runs/{cfg.profile}/<row>/seed<S>/` (next to this file). Rebuilt by "
+                 f"`python tools/ablate.py table={cfg.table} profile={cfg.profile} "
+                 f"seeds=[{','.join(map(str, cfg.seeds))}] collect_only=true`.\n")
+    (out / f"{name}.md").write_text("\n".join(parts))
+    return out / f"{name}.md"
+
+
+@hydra.main(config_path="../configs", config_name="ablate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        rows = table_rows(cfg)
+        if not cfg.seeds:
+            raise AblateError("seeds=[]: give at least one seed, e.g. seeds=[0,1,2]")
+        if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
+            raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
+        if not cfg.collect_only:
+            run_all(cfg, runs_in_order(rows, cfg.profile))
+        path = write_outputs(cfg, rows, collect(cfg, rows))
+    except AblateError as err:
+        sys.exit(f"error: {err}")
+    print(path.read_text())
+    print(f"tables and figures: {path.parent}")
+
+
+if __name__ == "__main__":
+    main()
