@@ -9,11 +9,12 @@ step, not a model op: the model's own FPS (an FX leaf) lives in `models/neighbor
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from models import atomic_write
 
 __all__ = ["cached_furthest_point_sample", "furthest_point_sample"]
 
@@ -77,11 +78,12 @@ def cached_furthest_point_sample(points: np.ndarray, num_samples: int, source: s
     except (OSError, KeyError, ValueError):
         pass
     out = furthest_point_sample(points, num_samples)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a name
+            np.savez(handle, points=out, source_stamp=stamp)
+
     try:
-        np.savez(tmp, points=out, source_stamp=stamp)
-        os.replace(tmp, cache)
+        atomic_write(cache, write)
     except OSError as e:
         log.warning("could not cache FPS subsets at %s (%s); they will be recomputed next time", cache, e.strerror)
-        tmp.unlink(missing_ok=True)
     return out

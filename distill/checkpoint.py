@@ -1,14 +1,12 @@
 """Atomic checkpoint writes and safe reads for training runs."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models import read_checkpoint
+from models import atomic_write, read_checkpoint
 
 __all__ = ["atomic_torch_save", "load_training_checkpoint", "remove_stale_temporaries"]
 
@@ -19,24 +17,13 @@ def _temporaries(path: Path) -> list[Path]:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file in the same directory, fsync, then rename over `path`.
+    """`torch.save` through `models.atomic_write`: temporary file, fsync, rename over `path`.
 
     A process killed at any moment leaves either the previous complete file or the new complete
     file, never a truncated one that a later `resume=true` would trust. What a kill can leave is
     a hidden `.<name>.*.tmp` beside it, which nothing reads (see `remove_stale_temporaries`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from models import atomic_write
 
 __all__ = [
     "BACKENDS",
@@ -267,25 +268,13 @@ def load_spec(path: str | os.PathLike) -> QConfigSpec:
 
 
 def save_spec(spec: QConfigSpec, path: str | os.PathLike) -> Path:
-    """Writes `spec` as YAML atomically (temporary file in the same folder, then `os.replace`).
+    """Writes `spec` as YAML atomically (`models.atomic_write`: temporary file, then rename).
 
     Atomic so a search killed mid-write never leaves a truncated spec that a later training run
     would read as a different configuration.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def spec_from_config(cfg: Mapping[str, Any]) -> QConfigSpec:

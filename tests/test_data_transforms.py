@@ -112,3 +112,21 @@ def test_furthest_point_sample_matches_a_brute_force_reference():
             d = ((pts[b][:, None] - pts[b][chosen][None]) ** 2).sum(-1).min(1)
             chosen.append(int(d.argmax()))
         np.testing.assert_array_equal(out[b], pts[b][chosen])
+
+
+def test_fps_cache_is_written_once_reused_and_invalidated_by_a_changed_source(tmp_path, monkeypatch):
+    import data.sampling as sampling
+
+    source = tmp_path / "ply_data_train0.h5"
+    source.write_bytes(b"stand-in for the h5 file")
+    points = np.random.default_rng(0).random((3, 64, 3), dtype=np.float32)
+    first = sampling.cached_furthest_point_sample(points, 16, source)
+    assert first.shape == (3, 16, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ply_data_train0.h5", "ply_data_train0_16_fps.npz"]
+    calls = []
+    monkeypatch.setattr(sampling, "furthest_point_sample", lambda *a: calls.append(a) or first)
+    assert np.array_equal(sampling.cached_furthest_point_sample(points, 16, source), first) and calls == []
+    source.write_bytes(b"a different, longer stand-in for the h5 file")  # size changes: the cache is stale
+    sampling.cached_furthest_point_sample(points, 16, source)
+    assert len(calls) == 1
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporaries left by the atomic writes

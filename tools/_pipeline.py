@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 import data
 import qat
 from distill import (
-    DistillationLoss, Engine, EngineConfig, FrozenTeacher, NonFiniteLossError, atomic_torch_save, predict,
+    DistillationLoss, Engine, EngineConfig, NonFiniteLossError, atomic_torch_save, predict,
     seed_everything,
 )
 from distill import distributed as D
-from models import CheckpointError, create_model, load_checkpoint
+from models import CheckpointError, atomic_write, create_model, load_checkpoint
 from models.neighbors import shared_neighborhoods
 
 from _logging import RunLogger, progress
@@ -381,9 +381,7 @@ def state_dict_size_mb(model: nn.Module) -> float:
 
 def write_text(path: Path, text: str) -> None:
     """Atomic text write (temp file + rename): a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from models import atomic_write
 
 __all__ = [
     "Column", "Record", "Cell", "MAIN_COLUMNS", "QAT_COLUMNS", "figures_from_metrics", "figures_from_wandb",
@@ -241,11 +242,11 @@ def _pyplot():
 
 def _save(fig: Any, path: Path) -> None:
     """Atomic PNG write (temp file + rename), then the figure is closed."""
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=120)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch: int | str, title: str) -> list[str]:
