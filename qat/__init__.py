@@ -1,7 +1,13 @@
-"""Quantization: the qconfig spec, the FX backend (prepare / convert / toggles), the QAT schedule, PTQ calibration."""
-from .fx import (
+"""Quantization: the qconfig spec, the backends (prepare / convert / toggles), the QAT schedule, PTQ calibration.
+
+`prepare_qat`, `prepare_ptq`, `convert`, the schedule's toggles and the reports come from
+`qat/backend.py`, which forwards each call to `qat/fx.py` (FX/fbgemm, the default) or
+`qat/pt2e.py` (torchao PT2E) by `spec.backend` or by the prepared model, so callers never name a
+backend. `build_qconfig_mapping` is FX's alone (a `QConfigMapping` has no PT2E meaning).
+"""
+from . import backend
+from .backend import (
     bn_frozen,
-    build_qconfig_mapping,
     convert,
     fake_quant_modules,
     fake_quant_owners,
@@ -16,11 +22,13 @@ from .fx import (
     unfreeze_bn_stats,
     weighted_layer_names,
 )
+from .fx import build_qconfig_mapping
 from .ptq import calibrate
 from .schedule import QuantSchedule, group_stages, stage_key
 from .spec import LayerChoice, QConfigSpec, SpecError, load_spec, save_spec, spec_from_config
 
 __all__ = [
+    "backend",
     "QConfigSpec",
     "LayerChoice",
     "SpecError",

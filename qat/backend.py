@@ -5,16 +5,26 @@ that create a graph choose by `spec.backend` (`fbgemm`/`x86`: FX, `pt2e_x86`: PT
 prepared or converted model choose by the model (PT2E graphs carry a mark in `GraphModule.meta`),
 so the engine, the schedule and the tools never name a backend. Importing this module imports
 neither torchao nor anything beyond what `qat/fx.py` already needs.
+
+The int8 artifact differs by backend, and so does running it: FX writes `model_int8.pt`
+(TorchScript, runs as loaded), PT2E writes `model_int8.pt2` (a `torch.export` program, compiled
+by Inductor on first call per batch size). `export_int8`, `load_int8` (by file suffix) and
+`inference_runner` hide that from the tools. Both formats are for trusted files only:
+`torch.jit.load` runs the archive's code, and `torch.export.load` rebuilds a program whose ops
+(custom ops included) run as named, from a format not hardened against hostile input.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any, ContextManager
 
+import torch
 import torch.nn as nn
 
-from . import fx, pt2e
+from . import export, fx, pt2e
 from .spec import PT2E_BACKENDS, QConfigSpec
 
 __all__ = [
@@ -34,9 +44,20 @@ __all__ = [
     "quantized_op_count",
     "float_op_names",
     "weighted_layer_names",
+    "ARTIFACT_SUFFIXES",
+    "artifact_name",
+    "export_int8",
+    "load_int8",
+    "inference_runner",
 ]
 
+# Artifact file suffix per backend module; `load_int8` reads the format from the suffix.
+ARTIFACT_SUFFIXES = {"fx": ".pt", "pt2e": ".pt2"}
+
 weighted_layer_names = fx.weighted_layer_names  # a question about the float model: backend-neutral
+# both backends' fake quants (torch.ao's and torchao's) have `enable_fake_quant` / `enable_observer`
+set_fake_quant = fx.set_fake_quant
+set_observer = fx.set_observer
 
 
 def for_spec(spec: QConfigSpec) -> ModuleType:
@@ -69,18 +90,6 @@ def fake_quant_owners(model: nn.Module) -> list[str]:
     return for_model(model).fake_quant_owners(model)
 
 
-def set_fake_quant(modules: Sequence[tuple[str, nn.Module]], enabled: bool) -> None:
-    """Both backends' fake quants share torch.ao's `enable_fake_quant` interface."""
-    for _, module in modules:
-        module.enable_fake_quant(enabled)
-
-
-def set_observer(modules: Sequence[tuple[str, nn.Module]], enabled: bool) -> None:
-    """Both backends' fake quants share torch.ao's `enable_observer` interface."""
-    for _, module in modules:
-        module.enable_observer(enabled)
-
-
 def observers_disabled(model: nn.Module) -> ContextManager[None]:
     return for_model(model).observers_disabled(model)
 
@@ -103,3 +112,61 @@ def quantized_op_count(int8_model: nn.Module) -> dict[str, int]:
 
 def float_op_names(int8_model: nn.Module) -> list[str]:
     return for_model(int8_model).float_op_names(int8_model)
+
+
+# ---- the int8 artifact ------------------------------------------------------------------------
+def _suffix(module: ModuleType) -> str:
+    return ARTIFACT_SUFFIXES[module.__name__.rsplit(".", 1)[-1]]
+
+
+def artifact_name(int8_model: nn.Module, stem: str = "model_int8") -> str:
+    """`model_int8.pt` for an FX-converted model, `model_int8.pt2` for a PT2E one."""
+    return stem + _suffix(for_model(int8_model))
+
+
+def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any], example_inputs: Any) -> Path:
+    """Writes the converted model's artifact (format by backend) and its JSON sidecar, atomically.
+
+    Args:
+        int8_model: Output of `convert`.
+        path: Destination; its suffix must be the backend's (`artifact_name` gives it).
+        sidecar: Class names, number of points, input layout, ... (JSON-serialisable).
+        example_inputs: Positional inputs for `torch.export` (PT2E only; FX scripts the model).
+    """
+    module = for_model(int8_model)
+    path = Path(path)
+    if path.suffix != _suffix(module):
+        raise ValueError(f"export_int8: {path.name} for a {module.__name__} model; use {artifact_name(int8_model)}")
+    if module is pt2e:
+        return pt2e.export_int8(int8_model, path, sidecar, example_inputs)
+    return export.export_int8(int8_model, path, sidecar)
+
+
+def load_int8(path: str | Path) -> nn.Module:
+    """Loads an int8 artifact on CPU, the format chosen by its suffix (`.pt2`: PT2E, else TorchScript).
+
+    Trusted files only (see the module docstring). A `.pt2` needs torchao (its quantize ops) and
+    this project's `models.neighbor_ops` (the neighbour-search custom ops), which this imports.
+    """
+    return pt2e.load_int8(path) if Path(path).suffix == ARTIFACT_SUFFIXES["pt2e"] else export.load_int8(path)
+
+
+def inference_runner(
+    loaded: nn.Module, example_inputs: Sequence[tuple[torch.Tensor, ...]] = ()
+) -> tuple[Callable[..., torch.Tensor], dict[str, float] | None]:
+    """The fastest way this process can run a loaded artifact, and what getting there cost.
+
+    FX/TorchScript runs as loaded (None: nothing compiles). A PT2E program goes through
+    `pt2e.compile_int8` (Inductor, int8 oneDNN kernels); it compiles once per batch size, so each
+    of `example_inputs` is run once here and timed: `{'batch_<B>': seconds}` of those first calls.
+    Later calls with other shapes compile then (Inductor caches each).
+    """
+    if not pt2e.is_pt2e_model(loaded):
+        return loaded, None
+    run, _ = pt2e.compile_int8(loaded)
+    seconds: dict[str, float] = {}
+    for inputs in example_inputs:
+        start = time.perf_counter()
+        run(*inputs)
+        seconds[f"batch_{inputs[0].shape[0]}"] = time.perf_counter() - start
+    return run, seconds

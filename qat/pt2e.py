@@ -54,9 +54,10 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from models import neighbor_ops
+from models import atomic_write, neighbor_ops
 
-from .export import _atomic_write, file_size_mb, sidecar_path
+from .export import file_size_mb, write_sidecar
+from .fx import set_fake_quant, set_observer  # torch.ao's fake-quant interface, which torchao's modules share
 from .spec import PT2E_BACKENDS, LayerChoice, QConfigSpec, SpecError
 
 __all__ = [
@@ -459,18 +460,6 @@ def fake_quant_owners(model: GraphModule) -> list[str]:
     return result
 
 
-def set_fake_quant(modules: Sequence[tuple[str, nn.Module]], enabled: bool) -> None:
-    """Turns quantization of the given fake quants on or off (off: identity, observers unaffected)."""
-    for _, module in modules:
-        module.enable_fake_quant(enabled)
-
-
-def set_observer(modules: Sequence[tuple[str, nn.Module]], enabled: bool) -> None:
-    """Lets the given fake quants update their ranges (on) or keeps their qparams fixed (off)."""
-    for _, module in modules:
-        module.enable_observer(enabled)
-
-
 @contextlib.contextmanager
 def observers_disabled(model: GraphModule) -> Iterator[None]:
     """Freezes all fake-quant observers inside the block and restores each one's state after."""
@@ -555,16 +544,9 @@ def export_int8(int8: GraphModule, path: str | Path, sidecar: dict[str, Any], ex
         program = torch.export.export(
             int8, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False
         )
-        _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
-    info = {"artifact": path.name, "format": "torch.export (pt2e_x86)", "size_mb": file_size_mb(path), **sidecar}
-
-    def write_json(tmp: str) -> None:
-        import json
-
-        with open(tmp, "w") as handle:
-            json.dump(info, handle, indent=2, default=float)
-
-    _atomic_write(sidecar_path(path), write_json)
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".tmp.pt2")  # save checks the suffix
+    write_sidecar(path, {"artifact": path.name, "format": "torch.export (pt2e_x86)", "size_mb": file_size_mb(path),
+                         **sidecar})
     return path
 
 

@@ -1,8 +1,9 @@
 """Calibration for static post-training quantization (PTQ).
 
-Static PTQ fixes every activation's range before deployment: `qat.fx.prepare_ptq` inserts
-observers, `calibrate` runs representative batches through them, `qat.fx.convert` lowers the
-result. Backend-neutral: it only runs forwards, so a PT2E backend reuses it unchanged.
+Static PTQ fixes every activation's range before deployment: `qat.prepare_ptq` inserts
+observers, `calibrate` runs representative batches through them, `qat.convert` lowers the
+result. Backend-neutral: it only runs forwards, so the FX and PT2E backends share it (a PT2E
+graph's `.eval()` is its graph rewrite, see `qat.pt2e.set_mode`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def calibrate(
     gradients. The model is left in eval mode.
 
     Args:
-        prepared_model: Output of `qat.fx.prepare_ptq` (or a QAT model to re-calibrate).
+        prepared_model: Output of `qat.prepare_ptq` (or a QAT model to re-calibrate).
         batches: Iterable of model inputs, e.g. xyz tensors (B, N, 3).
         forward_fn: `forward_fn(model, batch)` for batches in another layout (e.g. a data
             loader's dict with labels); defaults to calling the model on the batch.

@@ -14,7 +14,10 @@ Timeline (E = `progressive_epochs`, s = `fake_quant_start_epoch`)::
     BN stats:     updated until `freeze_bn_epoch`, then frozen (running statistics used)
 
 The engine needs nothing else from this object and it needs nothing of the engine; all
-toggling goes through `qat/fx.py`, the only importer of `torch.ao`.
+toggling goes through `qat/backend.py`, which forwards it to the backend that prepared the model
+(`qat/fx.py` or `qat/pt2e.py`), so one schedule drives an FX- or a PT2E-prepared student. For a
+PT2E student, BN freezing is a graph rewrite that `pt2e.set_mode` keeps across the engine's
+`.train()` / `.eval()` calls (the prepared graph answers them through `set_mode`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import fx
+from . import backend
 
 __all__ = ["QuantSchedule", "stage_key", "group_stages"]
 
@@ -133,15 +136,15 @@ class QuantSchedule:
             `qat/fake_quant_fraction` (share of fake-quant modules quantizing),
             `qat/observers_frozen` and `qat/bn_frozen` (0.0 or 1.0), for the logger.
         """
-        modules = fx.fake_quant_modules(model)
-        stages = group_stages(fx.fake_quant_owners(model), max(1, self.progressive_epochs))
+        modules = backend.fake_quant_modules(model)
+        stages = group_stages(backend.fake_quant_owners(model), max(1, self.progressive_epochs))
         enabled = self.stages_enabled(epoch, (max(stages) + 1) if stages else 0)
-        fx.set_fake_quant([m for m, stage in zip(modules, stages) if stage < enabled], True)
-        fx.set_fake_quant([m for m, stage in zip(modules, stages) if stage >= enabled], False)
+        backend.set_fake_quant([m for m, stage in zip(modules, stages) if stage < enabled], True)
+        backend.set_fake_quant([m for m, stage in zip(modules, stages) if stage >= enabled], False)
         observers_frozen = self.observers_frozen(epoch)
-        fx.set_observer(modules, not observers_frozen)
+        backend.set_observer(modules, not observers_frozen)
         bn_frozen = self.bn_frozen(epoch)
-        (fx.freeze_bn_stats if bn_frozen else fx.unfreeze_bn_stats)(model)
+        (backend.freeze_bn_stats if bn_frozen else backend.unfreeze_bn_stats)(model)
         on = sum(stage < enabled for stage in stages)
         return {
             "qat/fake_quant_fraction": on / len(modules) if modules else 0.0,
@@ -156,5 +159,5 @@ class QuantSchedule:
         Observers update in eval mode too, so without this, validation batches would move the
         ranges the student trains and is converted with.
         """
-        with fx.observers_disabled(model):
+        with backend.observers_disabled(model):
             yield

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("torchao")
 
 from models import create_model, neighbor_ops, neighbors  # noqa: E402
-from qat import QConfigSpec, SpecError, backend, fx, group_stages, pt2e  # noqa: E402
+import qat  # noqa: E402
+from qat import QConfigSpec, QuantSchedule, SpecError, backend, fx, group_stages, pt2e  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PT2E = QConfigSpec(backend="pt2e_x86")
@@ -169,6 +170,39 @@ def test_keep_fp32_and_overrides_reach_the_layers_they_name():
     assert {"HistogramObserver", "MinMaxObserver"} <= observers
     with pytest.raises(ValueError, match="never saw data"):
         backend.convert(prepared)
+
+
+@pytest.mark.parametrize("flow", ["fx", "pt2e"])
+def test_schedule_drives_either_backend_through_the_package_dispatcher(trained, flow):
+    """`qat.prepare_qat` and `QuantSchedule` are the same calls for both backends; so is the engine's
+    `.train()` / `.eval()`, which keeps a frozen BN frozen (PT2E: a graph rewrite, not a flag)."""
+    if flow == "pt2e":
+        prepared = trained[1]
+    else:
+        prepared = qat.prepare_qat(tiny(), QConfigSpec(), clouds(2, 0))
+        train_steps(prepared, steps=1)
+    assert qat.backend.for_model(prepared) is (pt2e if flow == "pt2e" else fx)
+    schedule = QuantSchedule(fake_quant_start_epoch=1, freeze_observer_epoch=2, freeze_bn_epoch=2)
+    modules = qat.fake_quant_modules(prepared)
+
+    def flags() -> tuple[set[int], set[int]]:
+        return {int(m.fake_quant_enabled[0]) for _, m in modules}, {int(m.observer_enabled[0]) for _, m in modules}
+
+    prepared.train()
+    log = schedule.on_epoch_start(prepared, 0)
+    assert log["qat/fake_quant_fraction"] == 0.0 and flags() == ({0}, {1}) and qat.bn_frozen(prepared) is False
+    log = schedule.on_epoch_start(prepared, 2)
+    assert log == {"qat/fake_quant_fraction": 1.0, "qat/observers_frozen": 1.0, "qat/bn_frozen": 1.0}
+    assert flags() == ({1}, {0}) and qat.bn_frozen(prepared) is True
+    prepared.eval()
+    prepared.train()  # what the engine does around validation
+    stats = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("running_mean")}
+    train_steps(prepared, steps=1)
+    assert all(torch.equal(v, prepared.state_dict()[k]) for k, v in stats.items())  # still frozen in train mode
+    with schedule.evaluating(prepared):
+        assert flags()[1] == {0}
+    QuantSchedule().on_epoch_start(prepared, 0)  # the trained fixture is shared: back to plain QAT
+    assert flags() == ({1}, {1}) and qat.bn_frozen(prepared) is False
 
 
 def test_fx_path_works_without_torchao():

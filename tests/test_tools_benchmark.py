@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 def test_benchmark_writes_side_by_side_ratios(tmp_path):
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "model.width=8", "bench.points=128",
            "bench.batch_sizes=[1,2]", "bench.repeats=1", "bench.train_batch=2", "bench.train_repeats=1",
-           "bench.points_sweep=[64,128]", "bench.batch_sweep=[1,2]", "bench.sweep_batch=1", f"hydra.run.dir={tmp_path}"]
+           "bench.points_sweep=[64,128]", "bench.batch_sweep=[1,2]", "bench.sweep_batch=1", "bench.pt2e=false",
+           f"hydra.run.dir={tmp_path}"]  # the PT2E row has its own test below (Inductor compiles are slow)
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
     result = json.loads((tmp_path / "benchmark.json").read_text())
     row = result["latency_ms"]["batch_2"]
@@ -30,6 +31,24 @@ def test_benchmark_writes_side_by_side_ratios(tmp_path):
     assert row["int8_over_openpoints_fp32"] == pytest.approx(row["int8"]["median"] / row["openpoints_fp32"]["median"])
     assert [r["points"] for r in result["sweep"]["points"]] == [64, 128]
     assert (tmp_path / "benchmark.png").is_file()
+
+
+@pytest.mark.slow
+def test_benchmark_times_pt2e_int8_beside_fx_int8_and_names_the_faster(tmp_path):
+    """Only the latency table, at one batch size: one PTQ + convert + Inductor compile (~30-40 s)."""
+    pytest.importorskip("torchao")
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "model.width=8", "bench.points=128",
+           "bench.batch_sizes=[2]", "bench.repeats=3", "bench.openpoints_reference=false", "bench.profile=false",
+           "bench.train_step=false", "bench.sweep=false", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    row = result["latency_ms"]["batch_2"]
+    assert row["pt2e_over_fx_int8"] == pytest.approx(row["int8_pt2e"]["median"] / row["int8"]["median"])
+    assert row["faster_int8_backend"] == ("pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else "fx_fbgemm")
+    assert row["faster_int8_backend"] + " is faster on this CPU" in done.stdout
+    assert result["pt2e"]["compile_s"]["batch_2"] > 0 and result["pt2e"]["quantized_ops"]["quantized"] > 0
+    assert result["size_mb"]["int8_pt2e_artifact"] == pytest.approx((tmp_path / "model_int8_pt2e.pt2").stat().st_size / 1e6)
 
 
 def test_openpoints_reference_ops_keep_the_kernel_semantics_of_the_project_ops():

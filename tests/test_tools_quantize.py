@@ -1,12 +1,15 @@
 """`tools/quantize.py` end to end on a tiny synthetic configuration: each method, and compare's table."""
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _tools import TINY_DATA, run_tool
+from _tools import ROOT, TINY_DATA, run_tool
+
+sys.path.insert(0, str(ROOT / "tools"))  # the tools' own modules (_report, quantize) for the table tests
 
 TINY = TINY_DATA + ["dataset.test_per_class=2", "model.width=8", "teacher.epochs=1", "train.epochs=1",
                     "train.batch_size=16", "train.eval_batch_size=16", "bench.repeats=1"]
@@ -102,3 +105,66 @@ def test_compare_quantizes_every_method_from_the_same_fp32_model(compare_run):
     for method in ("static", "qat", "kd_qat"):
         reference = read_metrics(compare_run / method)["fp32"]
         assert (reference["oa"], reference["macc"], reference["size_mb"]) == (fp32["oa"], fp32["macc"], fp32["size_mb"])
+
+
+# ---- compare across backends (no training: the table and the plan of runs) -----------------------
+def _fabricated(oa: float, size: float, b1: float, b16: float, backend: str | None = None,
+                compile_s: dict | None = None) -> dict:
+    m = {"oa": oa, "macc": oa - 1, "size_mb": size, "num_points": 128,
+         "latency_ms": {"threads": 2, "batch_1": b1, "batch_16": b16}}
+    if backend:
+        m |= {"backend": backend, "compile_s": compile_s}
+    return m
+
+
+def test_compare_table_shows_each_backend_and_its_compile_time():
+    from _report import compare_table
+
+    results = {"fp32": _fabricated(70.0, 2.0, 10.0, 80.0),
+               "kd_qat-fbgemm": _fabricated(71.0, 0.5, 5.0, 40.0, "fbgemm", None),
+               "kd_qat-pt2e_x86": _fabricated(70.5, 1.0, 8.0, 20.0, "pt2e_x86", {"batch_1": 12.0, "batch_16": 18.5})}
+    markdown, table = compare_table(results, 16)
+    rows = list(csv.reader(table.splitlines()))
+    cells = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert rows[0][:2] == ["method", "backend"] and rows[0][-1] == "compile s"
+    assert [cells[k]["backend"] for k in results] == ["-", "fbgemm", "pt2e_x86"]
+    assert [cells[k]["compile s"] for k in results] == ["-", "-", "30.5"]
+    assert cells["kd_qat-pt2e_x86"]["speed-up b=16"] == "4.00" and cells["kd_qat-pt2e_x86"]["ΔOA pts"] == "+0.50"
+    assert cells["kd_qat-fbgemm"]["size ratio"] == "0.250"
+    assert "compile s: first calls, once per batch size" in markdown
+
+
+def _quantize_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="quantize", overrides=list(overrides))
+
+
+def test_compare_backends_plans_one_run_per_method_and_backend_from_one_spec():
+    import quantize
+
+    from _workflow import METHODS
+
+    cfg = _quantize_config("compare_backends=[fx_fbgemm,pt2e_x86]", "qat.activation_observer=minmax")
+    runs = quantize.plan_runs(cfg, list(METHODS))
+    assert [name for name, _, _ in runs] == ["fp32", "static-fbgemm", "static-pt2e_x86", "qat-fbgemm", "qat-pt2e_x86",
+                                             "kd_qat-fbgemm", "kd_qat-pt2e_x86"]
+    for name, method, method_cfg in runs[1:]:
+        assert name.split("-")[0] == method
+        assert (method_cfg.qat.backend, method_cfg.qat.activation_observer) == (name.split("-")[1], "minmax")
+    assert cfg.qat.backend == "fbgemm"  # the run's own config is untouched
+    default = quantize.plan_runs(_quantize_config(), list(METHODS))  # null: the configured backend, as before
+    assert [(name, c) for name, _, c in default] == [(m, default[0][2]) for m in METHODS]
+
+
+def test_compare_backends_refuses_a_spec_pt2e_cannot_express_naming_the_key():
+    import quantize
+
+    from _pipeline import ConfigError
+    from _workflow import METHODS
+
+    cfg = _quantize_config("compare_backends=[fbgemm,pt2e_x86]", "qat.weight=per_tensor")
+    with pytest.raises(ConfigError, match=r"^compare_backends: weight=per_tensor cannot be expressed with backend "
+                                          r"pt2e_x86"):
+        quantize.plan_runs(cfg, list(METHODS))

@@ -181,8 +181,13 @@ class Data:
         return self.train.num_points
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-        item = next(iter(self.test_loader))
-        return item["xyz"][:batch], item["feats"][:batch]
+        """The first `batch` test clouds, as the model takes them (tracing and export inputs).
+
+        Read from the dataset, not the loader: with `train.eval_batch_size=1` a loader batch holds
+        one cloud, and a PT2E export of a training-mode student needs more than one (batch norm).
+        """
+        items = [self.test[i] for i in range(min(batch, len(self.test)))]
+        return torch.stack([item["xyz"] for item in items]), torch.stack([item["feats"] for item in items])
 
 
 def build_data(cfg: DictConfig) -> Data:

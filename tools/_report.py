@@ -1,11 +1,14 @@
 """Figures of a finished run (accuracy, size, latency) and the console table.
 
 Every number in metrics.json is measured here, from the models and the saved artifact: the
-int8 row is evaluated by reloading `model_int8.pt` from disk, not from the in-memory model.
+int8 row is evaluated by reloading the artifact from disk, not from the in-memory model
+(`model_int8.pt`, TorchScript, for FX backends; `model_int8.pt2`, a `torch.export` program run
+through Inductor, for `pt2e_x86`, whose compile time is recorded as `compile_s`).
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +17,8 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 import qat
-from qat.export import export_int8, file_size_mb, load_int8
+from qat import backend
+from qat.export import file_size_mb
 
 import _pipeline as P
 
@@ -48,7 +52,10 @@ def quantized_run_metrics(
     """Converts, exports and measures a prepared (QAT or calibrated PTQ) model.
 
     Returns the metrics.json payload: the int8 figures at top level, `fp32` (the model that was
-    quantized), `teacher` (when distilling), `fakequant` (the prepared model, for QAT methods).
+    quantized), `teacher` (when distilling), `fakequant` (the prepared model, for QAT methods),
+    `backend`, `artifact` (file name in `run_dir`), `convert_s`, and `compile_s` (PT2E: seconds
+    of Inductor's first call at batch 1 and the eval batch; None for FX, which compiles nothing).
+    The int8 figures are those of the reloaded artifact run as deployed (PT2E: compiled).
     `fp32_reference`: FP32 figures already measured in this process (compare), so that every
     method's ratios divide by the same FP32 measurement as the compare table does.
     """
@@ -63,21 +70,31 @@ def quantized_run_metrics(
         with schedule.evaluating(prepared):
             fakequant = P.evaluate(prepared, d)
         metrics["fakequant"] = {"oa": fakequant["oa"], "macc": fakequant["macc"]}
+    spec = qat.spec_from_config(cfg.qat)
+    metrics["backend"] = spec.backend
+    start = time.perf_counter()
     int8 = qat.convert(prepared)
-    artifact = run_dir / "model_int8.pt"
-    export_int8(int8, artifact, {
+    metrics["convert_s"] = time.perf_counter() - start
+    artifact = run_dir / backend.artifact_name(int8)
+    is_pt2e = backend.for_model(int8) is backend.pt2e
+    backend.export_int8(int8, artifact, {
         "class_names": list(d.train.class_names),
         "num_points": d.num_points,
         "in_channels": d.in_channels,
         "input_layout": {"xyz": "float32 (B, N, 3)", "feats": f"float32 (B, {d.in_channels}, N), optional when 3"},
-        "method": method, "model": cfg.model.name, "dataset": cfg.dataset.name,
-    })
-    reloaded = load_int8(artifact)
-    result = P.evaluate(reloaded, d)
+        "method": method, "model": cfg.model.name, "dataset": cfg.dataset.name, "backend": spec.backend,
+    }, _random_inputs(2, d) if is_pt2e else None)  # batch 2: export keeps the batch dimension dynamic
+    reloaded = backend.load_int8(artifact)
+    # PT2E compiles per batch size on first call: done here, on the shapes latency and evaluation use
+    shapes = dict.fromkeys((1, cfg.train.eval_batch_size)) if is_pt2e else ()
+    runner, compile_s = backend.inference_runner(reloaded, [_random_inputs(b, d) for b in shapes])
+    result = P.evaluate(runner, d)
     metrics.update({
         "oa": result["oa"], "macc": result["macc"], "per_class_acc": result["per_class"],
+        "artifact": artifact.name,
         "size_mb": file_size_mb(artifact),
-        "latency_ms": P.model_latency(reloaded, cfg, d),
+        "latency_ms": P.model_latency(runner, cfg, d),
+        "compile_s": compile_s,
         "quantized_ops": qat.quantized_op_count(int8),
     })
     metrics["delta_oa_vs_fp32"] = metrics["oa"] - metrics["fp32"]["oa"]
@@ -89,6 +106,15 @@ def quantized_run_metrics(
     if history:
         metrics["history"] = history
     return metrics
+
+
+def _random_inputs(batch: int, d: P.Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs shaped like the test loader's batches: xyz (B, N, 3), feats (B, C, N) (own generator:
+    the global random state is left alone)."""
+    xyz = torch.rand(batch, d.num_points, 3, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    feats = xyz.transpose(1, 2) if d.in_channels == 3 else torch.cat(
+        [xyz.transpose(1, 2), xyz[:, :, 1:2].transpose(1, 2) + 1], dim=1)
+    return xyz, feats.contiguous()
 
 
 def print_results_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
@@ -112,28 +138,34 @@ def print_results_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
 
 
 def compare_table(results: dict[str, dict[str, Any]], eval_batch: int) -> tuple[str, str]:
-    """Markdown and CSV tables of methods measured from the same FP32 model.
+    """Markdown and CSV tables of methods (and backends) measured from the same FP32 model.
 
-    Columns: OA, mAcc, size and its ratio to FP32, latency at batch 1 and the eval batch, their
-    speed-ups, and the OA change in points. Every cell is read from the methods' metrics.
+    Columns: the run's name and its backend, OA, mAcc, size and its ratio to FP32, latency at
+    batch 1 and the eval batch, their speed-ups, the OA change in points, and the compile time
+    of backends that compile (PT2E: Inductor's first calls at batch 1 and the eval batch,
+    summed; `-` where nothing compiles). Every cell is read from the runs' metrics.
     """
     fp32 = results["fp32"]
     batch = f"batch_{eval_batch}"
-    header = ["method", "OA %", "mAcc %", "size MB", "size ratio", "ms b=1", f"ms b={eval_batch}",
-              "speed-up b=1", f"speed-up b={eval_batch}", "ΔOA pts"]
+    header = ["method", "backend", "OA %", "mAcc %", "size MB", "size ratio", "ms b=1", f"ms b={eval_batch}",
+              "speed-up b=1", f"speed-up b={eval_batch}", "ΔOA pts", "compile s"]
     rows = []
     for method, m in results.items():
         lat = m["latency_ms"]
+        compile_s = m.get("compile_s")
         rows.append([
-            method, f"{m['oa']:.2f}", f"{m['macc']:.2f}", f"{m['size_mb']:.3f}", f"{m['size_mb'] / fp32['size_mb']:.3f}",
-            f"{lat['batch_1']:.1f}", f"{lat[batch]:.1f}",
+            method, m.get("backend", "-"), f"{m['oa']:.2f}", f"{m['macc']:.2f}", f"{m['size_mb']:.3f}",
+            f"{m['size_mb'] / fp32['size_mb']:.3f}", f"{lat['batch_1']:.1f}", f"{lat[batch]:.1f}",
             f"{fp32['latency_ms']['batch_1'] / lat['batch_1']:.2f}", f"{fp32['latency_ms'][batch] / lat[batch]:.2f}",
-            f"{m['oa'] - fp32['oa']:+.2f}",
+            f"{m['oa'] - fp32['oa']:+.2f}", f"{sum(compile_s.values()):.1f}" if compile_s else "-",
         ])
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                          + ["| " + " | ".join(row) + " |" for row in rows])
     threads = fp32["latency_ms"]["threads"]
-    markdown += f"\n\nLatency: median CPU ms, {threads} threads, {fp32['num_points']} points.\n"
+    markdown += f"\n\nLatency: median CPU ms, {threads} threads, {fp32['num_points']} points"
+    if any(m.get("compile_s") for m in results.values()):
+        markdown += "; compiled backends timed after compiling (compile s: first calls, once per batch size)"
+    markdown += ".\n"
     csv = "\n".join(",".join(row) for row in [header, *rows]) + "\n"
     return markdown, csv
 

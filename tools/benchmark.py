@@ -8,7 +8,10 @@ Paths timed side by side: FP32 eager, FP32 with BN folded (the fair FP32 baselin
 fbgemm int8 model (FX convert → TorchScript, the deployable artifact), all end to end with
 neighbour search; with `bench.openpoints_reference` (default on, when the test-only `openpoints`
 package imports) also OpenPoints' own PointNeXt-S in FP32 with straightforward batched CPU
-versions of its CUDA neighbour ops, the reference issue 8's targets are stated against. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
+versions of its CUDA neighbour ops, the reference issue 8's targets are stated against; with
+`bench.pt2e` (default on, when torchao imports) also the PT2E int8 model (torch.export +
+X86InductorQuantizer, the `.pt2` artifact reloaded and compiled by Inductor), timed interleaved
+with the FX int8 model, with its compile time and which backend is faster here. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
 quantize/dequantize, head), sizes, peak memory and time against the number of points (each
 size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT
 (KD-QAT twice: teacher and student each searching neighbourhoods, and sharing one search under
@@ -35,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch.fx.experimental.optimization import fuse as fold_bn  # noqa: E402
 
 import qat  # noqa: E402
+from qat import backend  # noqa: E402
+from qat.spec import FX_BACKENDS, PT2E_BACKENDS  # noqa: E402
 from distill import DistillationLoss, FrozenTeacher  # noqa: E402
 from models import create_model, load_checkpoint  # noqa: E402
 from models.neighbors import shared_neighborhoods  # noqa: E402
@@ -62,6 +67,14 @@ def random_clouds(batch: int, points: int, seed: int = 0) -> tuple[torch.Tensor,
     return xyz, xyz.transpose(1, 2).contiguous()
 
 
+def _spec_for(cfg: DictConfig, backends: tuple[str, ...]) -> qat.QConfigSpec:
+    """The configured spec with its backend moved into `backends` (kept when already there)."""
+    spec = qat.spec_from_config(cfg.qat)
+    if spec.backend in backends:
+        return spec
+    return qat.QConfigSpec.from_dict({**spec.to_dict(), "backend": backends[0]})
+
+
 def build_paths(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     """FP32 eager, FP32 BN-folded, int8 (calibrated on random clouds: latency ignores weight values)."""
     torch.manual_seed(cfg.seed)
@@ -69,11 +82,41 @@ def build_paths(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     if cfg.pretrained:
         load_checkpoint(fp32, cfg.pretrained)
     example = random_clouds(2, cfg.bench.points)
-    prepared = qat.prepare_ptq(copy.deepcopy(fp32), qat.spec_from_config(cfg.qat), example)
+    prepared = qat.prepare_ptq(copy.deepcopy(fp32), _spec_for(cfg, FX_BACKENDS), example)
     qat.calibrate(prepared, [random_clouds(8, cfg.bench.points, seed=s) for s in range(2)])
     int8_path = Path(HydraConfig.get().runtime.output_dir) / "model_int8.pt"
     export_int8(qat.convert(prepared), int8_path, {"num_points": cfg.bench.points, "note": "benchmark, random weights"})
     return {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32), "int8": torch.jit.load(str(int8_path))}
+
+
+def pt2e_path(cfg: DictConfig, fp32: torch.nn.Module, run_dir: Path) -> tuple[object, dict] | None:
+    """The PT2E int8 model as deployed: PTQ (same spec and calibration clouds as the FX path),
+    `model_int8_pt2e.pt2` written and reloaded, compiled by Inductor at every benchmark batch size.
+
+    Returns:
+        (compiled callable, {'compile_s': {batch: s}, 'size_mb', 'quantized_ops'}), or None with a
+        note when torchao does not import or the spec cannot be expressed for PT2E.
+    """
+    try:
+        import torchao  # noqa: F401
+
+        spec = _spec_for(cfg, PT2E_BACKENDS)
+    except ImportError as error:
+        print(f"note: PT2E int8 row skipped ({error}); the pinned requirements install torchao")
+        return None
+    except qat.SpecError as error:
+        print(f"note: PT2E int8 row skipped ({error})")
+        return None
+    prepared = qat.prepare_ptq(copy.deepcopy(fp32), spec, random_clouds(2, cfg.bench.points))
+    qat.calibrate(prepared, [random_clouds(8, cfg.bench.points, seed=s) for s in range(2)])
+    int8 = qat.convert(prepared)
+    path = backend.export_int8(int8, run_dir / "model_int8_pt2e.pt2",
+                               {"num_points": cfg.bench.points, "note": "benchmark, random weights"},
+                               random_clouds(2, cfg.bench.points))
+    runner, compile_s = backend.inference_runner(
+        backend.load_int8(path), [random_clouds(b, cfg.bench.points) for b in cfg.bench.batch_sizes])
+    return runner, {"compile_s": compile_s, "size_mb": file_size_mb(path),
+                    "quantized_ops": qat.quantized_op_count(int8)}
 
 
 # ---- OpenPoints' PointNeXt-S with straightforward CPU neighbour ops (the issue's reference) ----
@@ -307,7 +350,8 @@ def plot(sweeps: dict[str, list], path: Path) -> None:
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    torch.backends.quantized.engine = "x86" if cfg.qat.backend == "x86" else "fbgemm"
+    fx_backend = _spec_for(cfg, FX_BACKENDS).backend
+    torch.backends.quantized.engine = fx_backend
     result: dict = {"config": OmegaConf.to_container(cfg.bench), "model": cfg.model.name, "width": cfg.model.width,
                     "torch": torch.__version__, "threads": cfg.bench.threads}
     with torch_threads(cfg.bench.threads):
@@ -316,7 +360,11 @@ def main(cfg: DictConfig) -> None:
                              "int8_artifact": file_size_mb(run_dir / "model_int8.pt")}
         result["size_mb"]["int8_over_fp32"] = result["size_mb"]["int8_artifact"] / result["size_mb"]["fp32_state_dict"]
         reference = openpoints_reference(cfg) if cfg.bench.openpoints_reference else None
-        timed = paths if reference is None else {**paths, "openpoints_fp32": reference}
+        timed = dict(paths) if reference is None else {**paths, "openpoints_fp32": reference}
+        pt2e = pt2e_path(cfg, paths["fp32_eager"], run_dir) if cfg.bench.pt2e else None
+        if pt2e is not None:
+            timed["int8_pt2e"], result["pt2e"] = pt2e
+            result["size_mb"]["int8_pt2e_artifact"] = result["pt2e"]["size_mb"]
         result["latency_ms"] = latency_table(timed, cfg)
         for batch, row in result["latency_ms"].items():
             best = min(row["fp32_eager"]["median"], row["fp32_folded"]["median"])
@@ -324,6 +372,9 @@ def main(cfg: DictConfig) -> None:
             row["folded_over_eager"] = row["fp32_folded"]["median"] / row["fp32_eager"]["median"]
             if reference is not None:
                 row["int8_over_openpoints_fp32"] = row["int8"]["median"] / row["openpoints_fp32"]["median"]
+            if pt2e is not None:  # same run, interleaved: which int8 backend is faster on this CPU
+                row["pt2e_over_fx_int8"] = row["int8_pt2e"]["median"] / row["int8"]["median"]
+                row["faster_int8_backend"] = "pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{fx_backend}"
         if cfg.bench.profile:
             result["stages_ms"] = {f"{name}_batch_{b}": stage_profile(paths[name], b, cfg.bench.points)
                                    for name in ("fp32_folded", "int8") for b in cfg.bench.batch_sizes}
@@ -344,8 +395,14 @@ def report(result: dict) -> None:
         versus_reference = (f", int8/OpenPoints FP32 = {row['int8_over_openpoints_fp32']:.3f}"
                             if "int8_over_openpoints_fp32" in row else "")
         print(f"  {batch}: {cells}; int8/best FP32 = {row['int8_over_best_fp32']:.3f}{versus_reference}")
+        if "pt2e_over_fx_int8" in row:
+            print(f"    int8 PT2E/FX = {row['pt2e_over_fx_int8']:.3f}: {row['faster_int8_backend']} is faster on this CPU")
     size = result["size_mb"]
-    print(f"  size: FP32 {size['fp32_state_dict']:.2f} MB, int8 {size['int8_artifact']:.2f} MB ({size['int8_over_fp32']:.3f}x)")
+    print(f"  size: FP32 {size['fp32_state_dict']:.2f} MB, int8 {size['int8_artifact']:.2f} MB ({size['int8_over_fp32']:.3f}x)"
+          + (f", int8 PT2E {size['int8_pt2e_artifact']:.2f} MB" if "int8_pt2e_artifact" in size else ""))
+    if "pt2e" in result:
+        compile_s = ", ".join(f"{k} {v:.1f} s" for k, v in result["pt2e"]["compile_s"].items())
+        print(f"  PT2E compile (Inductor, first call per batch size): {compile_s}")
     for name, stages in result.get("stages_ms", {}).items():
         print(f"  stages {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items() if k != "neighbour_share")
               + f"; neighbour share {stages['neighbour_share']:.1%}")

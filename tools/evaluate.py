@@ -1,6 +1,7 @@
 """Accuracy of an FP32 checkpoint, a QAT checkpoint or an int8 artifact on one dataset split.
 
     python tools/evaluate.py checkpoint=outputs/RUN/model_int8.pt        # int8 artifact (model_int8.json beside it)
+    python tools/evaluate.py checkpoint=outputs/RUN/model_int8.pt2       # PT2E int8 artifact (qat.backend=pt2e_x86)
     python tools/evaluate.py checkpoint=outputs/RUN/student/last.pt      # the fake-quant student of a (KD-)QAT run
     python tools/evaluate.py checkpoint=pointnext-s.pth dataset=modelnet40 dataset.root=DIR model=pointnext-s
     python tools/evaluate.py checkpoint=... split=train                  # training clouds, no augmentation
@@ -11,9 +12,11 @@ the hydra run directory. Evaluate on the dataset the checkpoint was trained for 
 `model.width=`, while a QAT checkpoint is rebuilt from its own run's config.yaml.
 
 What the file is, is told without unpickling anything: a `.json` sidecar beside it means an int8
-TorchScript artifact, loaded with `torch.jit.load`, which runs code from the archive (trusted
-files only, as qat/export.py says); anything else is read with `weights_only=True`, and
-fake-quant entries in its state dict mean a QAT checkpoint.
+artifact: `.pt2` a PT2E program (`torch.export.load`, then compiled by Inductor as the run that
+wrote its metrics.json ran it, unless `pt2_compile=false`), anything else TorchScript
+(`torch.jit.load`, which runs code from the archive). Both are for trusted files only (see
+qat/backend.py); anything else is read with `weights_only=True`, and fake-quant entries in its
+state dict mean a QAT checkpoint (FX- or PT2E-prepared, rebuilt from its run's config).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ import qat  # noqa: E402
 from distill import seed_everything  # noqa: E402
 from models import CheckpointError, load_checkpoint, read_checkpoint  # noqa: E402
 from models.checkpoint import extract_state_dict  # noqa: E402
-from qat.export import load_int8, read_sidecar, sidecar_path  # noqa: E402
+from qat import backend  # noqa: E402
+from qat.export import read_sidecar, sidecar_path  # noqa: E402
 import _pipeline as P  # noqa: E402
 from _report import save_confusion_png  # noqa: E402
 
@@ -59,9 +63,11 @@ def run(cfg: DictConfig) -> None:
     path = Path(cfg.checkpoint)
     if not cfg.checkpoint or not path.is_file():
         raise P.ConfigError(f"checkpoint={cfg.checkpoint}: no such file; pass checkpoint=PATH to an FP32 checkpoint, "
-                            "a run's student/last.pt or its model_int8.pt")
+                            "a run's student/last.pt or its model_int8.pt (.pt2)")
     if cfg.split not in ("test", "train"):
         raise P.ConfigError(f"split={cfg.split}: use test or train")
+    if not isinstance(cfg.pt2_compile, bool):
+        raise P.ConfigError(f"pt2_compile={cfg.pt2_compile!r}: use true or false")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
     d = split_data(cfg)
@@ -87,6 +93,7 @@ def run(cfg: DictConfig) -> None:
         print(f"{name:<{width}}  {'-' if math.isnan(acc) else f'{acc:.2f}':>7}  {count:>6}")
     P.write_json(run_dir / "eval.json", {
         "checkpoint": str(path.resolve()), "kind": kind, "dataset": cfg.dataset.name, "split": cfg.split,
+        "backend": read_sidecar(path).get("backend") if kind == "int8" else None,
         "num_points": d.num_points, "num_clouds": len(d.test), "oa": result["oa"], "macc": result["macc"],
         "class_names": names,
         "per_class_acc": [None if math.isnan(a) else a for a in result["per_class"]],  # None: class absent
@@ -115,7 +122,10 @@ def split_data(cfg: DictConfig) -> P.Data:
 def load_model(path: Path, cfg: DictConfig, d: P.Data) -> tuple[str, Any]:
     """('int8' | 'qat' | 'fp32', the model in eval mode) for the file at `path`."""
     if sidecar_path(path).is_file():
-        return "int8", load_artifact(path, d)
+        return "int8", load_artifact(path, d, cfg.pt2_compile)
+    if path.suffix == backend.ARTIFACT_SUFFIXES["pt2e"]:
+        raise CheckpointError(f"checkpoint {path} is a PT2E int8 artifact without its sidecar "
+                              f"{sidecar_path(path).name}; copy that file from the run directory next to it")
     if _is_torchscript(path):
         raise CheckpointError(f"checkpoint {path} is a TorchScript archive without its sidecar "
                               f"{sidecar_path(path).name}; copy that file from the run directory next to it")
@@ -136,8 +146,14 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def load_artifact(path: Path, d: P.Data) -> torch.jit.ScriptModule:
-    """The int8 artifact, after checking its sidecar against the dataset evaluated."""
+def load_artifact(path: Path, d: P.Data, compile_pt2: bool = True) -> Any:
+    """The int8 artifact, after checking its sidecar against the dataset evaluated.
+
+    A `.pt2` (PT2E) program is compiled with Inductor (once per batch size, on its first batch:
+    ~10-20 s each on 2 cores) unless `compile_pt2` is false, when it runs as loaded: the
+    reference int8 graph (quantize/dequantize around float ops), slower, and equal to the
+    compiled model up to float rounding.
+    """
     try:
         sidecar = read_sidecar(path)
     except ValueError as err:  # not JSON
@@ -152,10 +168,14 @@ def load_artifact(path: Path, d: P.Data) -> torch.jit.ScriptModule:
         print(f"note: the artifact was measured on {sidecar.get('num_points')} points, this split has {d.num_points} "
               f"(dataset.num_points={sidecar.get('num_points')} reproduces its metrics)")
     try:
-        return load_int8(path)
-    except RuntimeError as err:
+        loaded = backend.load_int8(path)
+    except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
+        raise CheckpointError(f"int8 artifact {path}: loading a PT2E program needs torchao ({err}); "
+                              "install the project's pinned requirements") from None
+    except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"int8 artifact {path}: unreadable ({str(err).splitlines()[0]}); re-export it or copy it "
                               "again from the run directory") from None
+    return backend.inference_runner(loaded)[0] if compile_pt2 else loaded
 
 
 def find_run_config(path: Path, cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[str, DictConfig]:

@@ -2,6 +2,7 @@
 
     python tools/predict.py artifact=outputs/RUN/model_int8.pt input=scan.ply
     python tools/predict.py artifact=outputs/RUN/model_int8.pt input=clouds/ topk=3
+    python tools/predict.py artifact=outputs/RUN/model_int8.pt2 input=clouds/ pt2_compile=true   # PT2E artifact
 
 Inputs, a file or a directory of them (sorted, not recursive; other files there are skipped):
   .npy        one cloud, (N, 3) or (N, C): the first three columns are x y z
@@ -18,7 +19,10 @@ and given feats = xyz, or xyz + height for 4 channels, by the data package's tes
 
 A bad file (empty, NaN/Inf, wrong column count, unreadable, unsupported type) gets one line on
 stderr naming it and the fix; the other files are still classified, and the exit code is 1.
-The artifact is loaded with `torch.jit.load`, which runs code from the archive: trusted files only.
+The artifact is loaded by its suffix: `.pt` with `torch.jit.load`, which runs code from the
+archive; `.pt2` (PT2E, `qat.backend=pt2e_x86`) with `torch.export.load`, run as loaded (the
+reference int8 graph) or, with `pt2_compile=true`, compiled by Inductor (int8 kernels; pays
+~10-20 s per distinct batch size, worth it for many clouds). Trusted files only, either way.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import io
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 # The int8 kernels print a C++ deprecation warning on first use; keep stderr for the per-file errors.
@@ -38,7 +43,8 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from data.transforms import AugmentConfig, PointPipeline, build_transforms  # noqa: E402
 from data.validate import DataError, read_h5  # noqa: E402
-from qat.export import load_int8, read_sidecar, sidecar_path  # noqa: E402
+from qat import backend  # noqa: E402
+from qat.export import read_sidecar, sidecar_path  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "predict.yaml"
 SUPPORTED = (".npy", ".txt", ".xyz", ".ply", ".h5")
@@ -52,7 +58,7 @@ def main(argv: list[str]) -> int:
     """Returns the exit code: 0 when every file was classified, 1 otherwise."""
     try:
         cfg = parse_args(argv)
-        model, info = load_artifact(Path(str(cfg.artifact)))
+        model, info = load_artifact(Path(str(cfg.artifact)), cfg.pt2_compile)
         files = list_inputs(Path(str(cfg.input)))
     except DataError as err:  # nothing can be classified: one line, exit 1
         print(f"error: {err}", file=sys.stderr)
@@ -91,17 +97,19 @@ def parse_args(argv: list[str]) -> DictConfig:
     for key in ("topk", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise DataError(f"{key}={cfg[key]} must be a positive integer")
-    if not isinstance(cfg.normalize, bool):
-        raise DataError(f"normalize={cfg.normalize}: use true or false")
+    for key in ("normalize", "pt2_compile"):
+        if not isinstance(cfg[key], bool):
+            raise DataError(f"{key}={cfg[key]}: use true or false")
     if not cfg.artifact or not cfg.input:
         raise DataError("artifact= and input= are required, e.g. artifact=RUN/model_int8.pt input=cloud.ply")
     return cfg
 
 
-def load_artifact(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
-    """The TorchScript model and its sidecar, checked for the keys prediction needs."""
+def load_artifact(path: Path, compile_pt2: bool = False) -> tuple[Any, dict]:
+    """The int8 model (TorchScript, or a PT2E program by its `.pt2` suffix) and its sidecar,
+    checked for the keys prediction needs."""
     if not path.is_file():
-        raise DataError(f"artifact={path}: no such file; pass the model_int8.pt of a run directory")
+        raise DataError(f"artifact={path}: no such file; pass the model_int8.pt (or .pt2) of a run directory")
     if not sidecar_path(path).is_file():
         raise DataError(f"artifact={path}: no sidecar {sidecar_path(path).name} beside it; "
                         "copy it from the run directory")
@@ -114,10 +122,15 @@ def load_artifact(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
         raise DataError(f"{sidecar_path(path)}: lacks {missing}; re-export the artifact with tools/train_kd_qat.py "
                         "or tools/quantize.py")
     try:
-        return load_int8(path), info
-    except RuntimeError as err:
-        raise DataError(f"artifact={path}: not a loadable TorchScript file ({str(err).splitlines()[0]}); "
-                        "copy model_int8.pt again from the run directory") from None
+        loaded = backend.load_int8(path)
+    except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
+        raise DataError(f"artifact={path}: loading a PT2E program needs torchao ({err}); "
+                        "install the project's pinned requirements") from None
+    except (RuntimeError, ValueError, KeyError) as err:
+        kind = "PT2E program" if path.suffix == backend.ARTIFACT_SUFFIXES["pt2e"] else "TorchScript file"
+        raise DataError(f"artifact={path}: not a loadable {kind} ({str(err).splitlines()[0]}); "
+                        f"copy {path.name} again from the run directory") from None
+    return (backend.inference_runner(loaded)[0] if compile_pt2 else loaded), info
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -263,7 +276,7 @@ def resample(xyz: np.ndarray, num_points: int, seed: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def print_topk(model: torch.jit.ScriptModule, batch: list[tuple], class_names: list[str], topk: int) -> None:
+def print_topk(model: Any, batch: list[tuple], class_names: list[str], topk: int) -> None:
     """One line per cloud: its name, stored point count and the top-k classes with softmax probabilities."""
     if not batch:
         return

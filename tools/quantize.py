@@ -4,13 +4,17 @@
     python tools/quantize.py method=qat pretrained=PATH          # QAT without a teacher (alpha = 0)
     python tools/quantize.py method=kd_qat pretrained=PATH       # the engine's default
     python tools/quantize.py method=compare pretrained=PATH      # FP32, static, QAT, KD-QAT from one checkpoint
+    python tools/quantize.py method=compare 'compare_backends=[fbgemm,pt2e_x86]'   # ... with both backends
 
 `compare` writes compare.md and compare.csv into the run directory and one sub-directory per
-method (metrics.json, checkpoints, model_int8.pt). Without `pretrained=` the FP32 model is
-`teacher.ckpt=`, else the cached or freshly trained teacher of tools/train_kd_qat.py.
+method (metrics.json, checkpoints, model_int8.pt); with several `compare_backends`, one per
+method and backend (`static-fbgemm/`, `static-pt2e_x86/` (model_int8.pt2), ...), each with the
+config.yaml that rebuilds its student. Without `pretrained=` the FP32 model is `teacher.ckpt=`,
+else the cached or freshly trained teacher of tools/train_kd_qat.py.
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from distill import seed_everything  # noqa: E402
 from _logging import RunLogger  # noqa: E402
+import qat  # noqa: E402
 import _pipeline as P  # noqa: E402
 from _report import compare_table, print_results_table  # noqa: E402
 from _workflow import METHODS, quantize  # noqa: E402
@@ -46,6 +51,7 @@ def run(cfg: DictConfig) -> None:
             cfg.teacher.ckpt = cfg.pretrained  # the FP32 model to quantize is the teacher of KD-QAT
         cfg.mode = "kd_qat"
     P.validate_config(cfg)
+    runs = plan_runs(cfg, methods)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     device = P.pick_device(cfg.device)
     seed_everything(cfg.seed)
@@ -56,23 +62,61 @@ def run(cfg: DictConfig) -> None:
     fp32, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
     logger.console(f"FP32 model: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     results = {}
-    for method in methods:
-        logger.console(f"---- {method}")
+    for name, method, method_cfg in runs:
+        logger.console(f"---- {name}")
         seed_everything(cfg.seed)
-        method_dir = run_dir / method if len(methods) > 1 else run_dir
+        method_dir = run_dir / name if len(runs) > 1 else run_dir
+        if method_cfg is not cfg:  # its own backend: its own config.yaml, which evaluate.py rebuilds the student from
+            method_dir.mkdir(parents=True, exist_ok=True)
+            P.write_text(method_dir / "config.yaml", OmegaConf.to_yaml(method_cfg, resolve=True))
         reference = {k: results["fp32"][k] for k in ("oa", "macc", "size_mb", "latency_ms")} if "fp32" in results else None
-        results[method] = quantize(method, cfg, d, P.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
-                                   fp32_reference=reference)
-        P.write_json(method_dir / "metrics.json", results[method])
+        results[name] = quantize(method, method_cfg, d, P.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
+                                 fp32_reference=reference)
+        P.write_json(method_dir / "metrics.json", results[name])
 
     # ---- report ---------------------------------------------------------------------------------
-    print_results_table([(method, metrics) for method, metrics in results.items()])
-    if len(methods) > 1:
+    print_results_table([(name, metrics) for name, metrics in results.items()])
+    if len(runs) > 1:
         markdown, csv = compare_table(results, cfg.train.eval_batch_size)
         (run_dir / "compare.md").write_text(markdown)
         (run_dir / "compare.csv").write_text(csv)
         print(markdown)
     logger.finish()
+
+
+def plan_runs(cfg: DictConfig, methods: list[str]) -> list[tuple[str, str, DictConfig]]:
+    """(run name, method, config) of every run: one per method, or per method and backend.
+
+    `compare_backends` (compare only; null: the spec's own backend) repeats each quantized method
+    for every backend listed, from the same FP32 model. Each backend's config is the run's with
+    the qconfig spec (inline or `qat.qconfig` file) written inline with that backend, so the spec
+    is the same apart from the backend, and the method's config.yaml rebuilds its student.
+    """
+    backends = OmegaConf.select(cfg, "compare_backends", default=None)
+    if cfg.method != "compare" or backends is None:
+        return [(method, method, cfg) for method in methods]
+    if isinstance(backends, str) or not OmegaConf.is_list(backends) or not backends:
+        raise P.ConfigError(f"compare_backends={backends}: use a list, e.g. '[fbgemm,pt2e_x86]', or null")
+    base = qat.spec_from_config(cfg.qat)
+    specs: dict[str, qat.QConfigSpec] = {}
+    for name in backends:
+        try:
+            spec = qat.QConfigSpec.from_dict({**base.to_dict(), "backend": name})
+        except qat.SpecError as err:
+            raise P.ConfigError(f"compare_backends: {err}") from None
+        specs.setdefault(spec.backend, spec)  # aliases (fx_fbgemm) name the same backend once
+    if len(specs) == 1 and base.backend in specs:
+        return [(method, method, cfg) for method in methods]
+    runs: list[tuple[str, str, DictConfig]] = [("fp32", "fp32", cfg)] if "fp32" in methods else []
+    for method in (m for m in methods if m != "fp32"):
+        for name, spec in specs.items():
+            method_cfg = copy.deepcopy(cfg)
+            with open_dict(method_cfg):
+                method_cfg.qat.qconfig = None
+                for key, value in spec.to_dict().items():  # assigned, not merged: the spec's dicts replace
+                    method_cfg.qat[key] = value
+            runs.append((f"{method}-{name}" if len(specs) > 1 else method, method, method_cfg))
+    return runs
 
 
 if __name__ == "__main__":

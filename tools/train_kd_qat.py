@@ -6,8 +6,9 @@
     torchrun --standalone --nproc_per_node=4 tools/train_kd_qat.py hydra.run.dir=runs/a   # DDP, 4 processes
 
 Writes into the hydra run directory: config.yaml (resolved), metrics.json, log.jsonl,
-teacher/ and student/ checkpoints (last.pt, resumable with resume=true), model_int8.pt
-(TorchScript) with model_int8.json.
+teacher/ and student/ checkpoints (last.pt, resumable with resume=true), the int8 artifact
+with its JSON sidecar: model_int8.pt (TorchScript, FX backends) or model_int8.pt2
+(torch.export program, `qat.backend=pt2e_x86`).
 
 Under torchrun every rank runs this script: all train (DDP, `train.batch_size` is the global
 batch), rank 0 alone writes files and logs, converts and measures. A worker restarted by
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> None:
     rows = [("teacher FP32", metrics["teacher"])] if "teacher" in metrics else []
     print_results_table(rows + [("student FP32 (init)", metrics["fp32"]), ("student fake-quant", metrics["fakequant"]),
                                 ("student int8", metrics)])
-    logger.console(f"metrics: {run_dir / 'metrics.json'}  artifact: {run_dir / 'model_int8.pt'}")
+    logger.console(f"metrics: {run_dir / 'metrics.json'}  artifact: {run_dir / metrics['artifact']}")
 
 
 if __name__ == "__main__":
