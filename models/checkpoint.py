@@ -125,20 +125,21 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     return extras
 
 
-def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:
     """Runs `write(tmp)` on a temporary file beside `path`, fsyncs it, then renames it over `path`.
 
-    The temporary is hidden (`.<name>.<random>.tmp`, unique per call so concurrent writers never
-    share one) and deleted if `write` raises; a kill can leave it behind, never a truncated
-    `path`. `write` receives the temporary's path as a string (torch.save, savefig, np.savez
-    with an explicit suffix and `Path.write_text` all take one).
+    The temporary is hidden (`.<name>.<random><suffix>`, unique per call so concurrent writers
+    never share one) and deleted if `write` raises; a kill can leave it behind, never a truncated
+    `path`. `write` receives the temporary's path as a string (torch.save, savefig and
+    `Path.write_text` all take one). `suffix`: for writers that check the name's extension
+    (`torch.export.save` wants `.pt2`), e.g. `".tmp.pt2"`.
 
     Returns:
         `path` as a Path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

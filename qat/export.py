@@ -1,4 +1,7 @@
-"""The deployable int8 artifact: a TorchScript file plus a JSON sidecar.
+"""The deployable int8 artifact of the FX backend: a TorchScript file plus a JSON sidecar.
+
+(The PT2E backend's artifact, a `torch.export` program `.pt2` with the same sidecar, is written
+by `qat/pt2e.py`; `qat.backend.export_int8` / `load_int8` choose between the two.)
 
 TorchScript is the proven self-contained route for fbgemm models converted by FX: the file
 loads with plain `torch.jit.load` in a process that has never seen this project, and classifies
@@ -12,17 +15,20 @@ with `weights_only=True`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-__all__ = ["export_int8", "load_int8", "read_sidecar", "sidecar_path", "file_size_mb"]
+from models import atomic_write
+
+__all__ = ["export_int8", "load_int8", "read_sidecar", "write_sidecar", "sidecar_path", "file_size_mb"]
 
 
 @contextlib.contextmanager
@@ -41,16 +47,29 @@ def sidecar_path(artifact: str | Path) -> Path:
     return Path(artifact).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_compact(scripted: torch.jit.ScriptModule, path: str) -> None:
+    """`torch.jit.save`, with every record deflated and the `*.debug_pkl` records left out.
+
+    A deployment artifact is read once and kept small: `torch.jit.save` stores the int8
+    weights uncompressed and adds `*.debug_pkl` records that map the TorchScript code back to
+    the Python source lines, for tracebacks. Without them errors raised inside the model keep
+    their messages (tests/test_models_pointnext.py), and `torch.jit.load` reads deflated records
+    and treats debug records as optional. Measured on PointNeXt-S width 32 (random weights):
+    1.50 → 1.42 MB, 0.271x → 0.256x of the FP32 state dict, load time unchanged (~50 ms).
+    """
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    with zipfile.ZipFile(buffer) as full, zipfile.ZipFile(path, "w") as lean:
+        for record in full.infolist():
+            if not record.filename.endswith(".debug_pkl"):
+                lean.writestr(zipfile.ZipInfo(record.filename, date_time=record.date_time), full.read(record),
+                              compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+
+
+def write_sidecar(artifact: Path, info: dict[str, Any]) -> None:
+    """The artifact's JSON sidecar (`model_int8.json`), written atomically."""
+    text = json.dumps(info, indent=2, default=float)
+    atomic_write(sidecar_path(artifact), lambda tmp: Path(tmp).write_text(text))
 
 
 def export_int8(model: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> Path:
@@ -67,14 +86,8 @@ def export_int8(model: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> 
     path = Path(path)
     with _torchscript_warnings_silenced():
         scripted = torch.jit.script(model.eval())
-        _atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp))
-    info = {"artifact": path.name, "format": "torchscript", "size_mb": file_size_mb(path), **sidecar}
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as handle:
-            json.dump(info, handle, indent=2, default=float)
-
-    _atomic_write(sidecar_path(path), write_json)
+        atomic_write(path, lambda tmp: _save_compact(scripted, tmp))
+    write_sidecar(path, {"artifact": path.name, "format": "torchscript", "size_mb": file_size_mb(path), **sidecar})
     return path
 
 

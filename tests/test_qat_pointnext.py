@@ -125,3 +125,21 @@ def test_pointnext_int8_tracks_the_fake_quant_model_on_unseen_clouds(default_run
     agreement = (int8_logits.argmax(dim=1) == fake_quant.argmax(dim=1)).float().mean().item()
     assert agreement >= 0.9
     assert relative_error(int8_logits, fake_quant) < 0.5 * relative_error(fp32, fake_quant)
+
+
+def test_int8_artifact_is_compact_and_runs_like_the_converted_model(default_run, tmp_path):
+    import zipfile
+
+    from qat.export import export_int8, load_int8, read_sidecar
+
+    _, _, int8 = default_run
+    path = export_int8(int8, tmp_path / "model_int8.pt", {"num_points": N})
+    with zipfile.ZipFile(path) as archive:
+        records = archive.infolist()
+    assert records and not [r.filename for r in records if r.filename.endswith(".debug_pkl")]
+    assert {r.compress_type for r in records} == {zipfile.ZIP_DEFLATED}
+    assert torch.equal(load_int8(path)(clouds(3, 11)), int8(clouds(3, 11)))
+    assert read_sidecar(path)["size_mb"] == path.stat().st_size / 1e6
+    with pytest.raises(torch.jit.Error, match="ValueError"):  # the model's own input check still speaks
+        load_int8(path)(torch.rand(2, 4, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_int8.json", "model_int8.pt"]  # no temporaries
