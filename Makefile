@@ -17,9 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 train: $(STAMP)
 	$(PY) tools/train_kd_qat.py $(ARGS)
 
-# The whole suite, slow end-to-end tests included; CI runs exactly this.
+# The whole suite, slow end-to-end tests included; CI runs exactly this. Two workers, one test
+# file each at a time (module fixtures such as a trained run are built once); one torch thread
+# per worker (tests/conftest.py), so the two never fight over the two cores.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 # Unit tests only (skips @pytest.mark.slow), for a quick loop while editing.
 test-fast: $(STAMP)
