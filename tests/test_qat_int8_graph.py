@@ -76,21 +76,35 @@ def test_every_neighbour_leaf_runs_on_quantized_features(converted):
     assert leaves and set(leaves) <= REQUANTIZING_LEAVES
 
 
-def test_round_trip_finder_sees_the_round_trips_of_a_plain_conversion(converted, monkeypatch):
+def test_round_trip_finder_sees_the_round_trips_of_a_plain_conversion(converted):
     """The check can fail: without the leaf rewrite, convert_fx leaves one round trip per neighbour leaf."""
     prepared, _ = converted
-    monkeypatch.setattr(qat.fx, "_quantized_neighbor_leaves", lambda model: model)
-    plain = qat.convert(prepared)
+    plain = qat.fx.convert(prepared, int8_neighbor_leaves=False)
     assert {"sample_and_group", "group_all"} <= set(round_trips(plain.graph))
 
 
-def test_int8_leaves_give_the_plain_conversion_bit_for_bit(converted, monkeypatch):
+def test_int8_leaves_give_the_plain_conversion_bit_for_bit(converted):
     """Quantizing before the gather equals quantizing after it: the rewrite changes no logit."""
     prepared, int8 = converted
-    monkeypatch.setattr(qat.fx, "_quantized_neighbor_leaves", lambda model: model)
-    plain = qat.convert(prepared)
+    plain = qat.fx.convert(prepared, int8_neighbor_leaves=False)
     batch = clouds(3, 7)
     with torch.no_grad():
         expected = plain(batch)
         assert torch.equal(int8(batch), expected)
         assert torch.equal(torch.jit.script(int8)(batch), expected)  # the artifact's route
+
+
+def test_int8_leaves_stay_leaves_when_the_converted_model_is_traced_again(converted):
+    """The numeric suite (per-layer SQNR in the qconfig search) re-traces converted models."""
+    _, int8 = converted
+    retraced = torch.fx.symbolic_trace(int8)
+    names = {getattr(n.target, "__name__", "") for n in retraced.graph.nodes if n.op == "call_function"}
+    assert "sample_and_group_quantized" in names and torch.equal(retraced(clouds(2, 3)), int8(clouds(2, 3)))
+
+
+def test_layer_sqnr_needs_the_plain_conversion_and_says_so(converted):
+    prepared, int8 = converted
+    with pytest.raises(ValueError, match="int8_neighbor_leaves=False"):
+        qat.fx.layer_output_sqnr(prepared, int8, [(clouds(2, 5),)])
+    sqnr = qat.fx.layer_output_sqnr(prepared, qat.fx.convert(prepared, int8_neighbor_leaves=False), [(clouds(2, 5),)])
+    assert sqnr and all(value > 0 for value in sqnr.values())

@@ -8,7 +8,7 @@ import torch
 
 import qat
 from qat import LayerChoice, QConfigSpec
-from qat.fx import layer_output_sqnr
+from qat.fx import convert, layer_output_sqnr
 from qat.sensitivity import (
     FP32, PTQProxy, Scores, analyse, default_options, isolated_spec, layer_units, option_choice, spec_with,
 )
@@ -145,7 +145,7 @@ def test_layer_output_sqnr_reports_every_int8_layer_and_leaves_both_models_untou
     x = torch.rand(8, N, 3)
     prepared = qat.prepare_ptq(model, QConfigSpec(keep_fp32=["prediction.2"]), (x,))
     qat.calibrate(prepared, [(x,)])
-    int8 = qat.convert(prepared, int8_neighbor_leaves=False)
+    int8 = convert(prepared, int8_neighbor_leaves=False)  # an FX option: the numeric suite is FX's
     before = (int8(x), prepared(x), [name for name, _ in int8.named_modules()])
     sqnr = layer_output_sqnr(prepared, int8, [(x,)])
     assert set(sqnr) == set(qat.weighted_layer_names(model)) - {"prediction.2.0"}
