@@ -77,3 +77,14 @@ def test_openpoints_reference_builds_and_classifies():
     with torch.no_grad():
         logits = benchmark.openpoints_reference(cfg)(xyz, xyz.transpose(1, 2).contiguous())
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+
+
+def test_timings_run_under_a_fixed_allocator_on_glibc():
+    """Latency must not depend on what the process did before (see `_measure.steady_allocator`)."""
+    import platform
+
+    import _measure
+
+    expected = platform.libc_ver()[0] == "glibc"
+    assert _measure.steady_allocator() is expected
+    assert _measure.steady_allocator() is expected  # once per process, then cached

@@ -1,6 +1,8 @@
 """Latency and size figures shared by the tools (metrics.json, compare tables, benchmarks)."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
 import time
 from contextlib import contextmanager
@@ -8,7 +10,29 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["torch_threads", "time_call", "time_interleaved", "latency_ms"]
+__all__ = ["steady_allocator", "torch_threads", "time_call", "time_interleaved", "latency_ms"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+@functools.cache
+def steady_allocator() -> bool:
+    """Fixes glibc malloc's mmap and trim thresholds at 1 GiB, once per process; False off glibc.
+
+    Why: by default glibc serves large blocks (a batch's grouped (B, C, M, K) tensors) with fresh
+    `mmap`s and returns freed heap tops to the OS, adapting both thresholds to what the process
+    has freed so far. A forward's latency then depended on the process's history: the same FP32
+    PointNeXt timed ~90 ms at batch 32 in a fresh process and ~50 ms after a few training steps
+    (page faults on every new block), so tools that measure right after start-up (quantize.py)
+    and after training (train_kd_qat.py) disagreed by ~1.8x. With fixed thresholds both read the
+    steady, after-training figure, and FP32 and int8 are timed under the same allocator. Every
+    timing entry point calls this; it only keeps freed memory in the process for reuse.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to fix
+        return False
 
 
 @contextmanager
@@ -24,6 +48,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Wall-clock ms of `fn()`: min / median / max over `repeats` runs after `warmup` runs."""
+    steady_allocator()
     for _ in range(warmup):
         fn()
     samples = []
@@ -36,6 +61,7 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[s
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
     """`time_call` for several callables, one run of each per round, so load changes hit all alike."""
+    steady_allocator()
     for fn in fns.values():
         for _ in range(warmup):
             fn()
