@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["steady_allocator", "torch_threads", "time_call", "time_interleaved", "latency_ms"]
+__all__ = ["steady_allocator", "random_clouds", "torch_threads", "time_call", "time_interleaved", "latency_ms"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
@@ -74,6 +74,18 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: {"min": min(s), "median": statistics.median(s), "max": max(s)} for name, s in samples.items()}
 
 
+def random_clouds(batch: int, num_points: int, in_channels: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs shaped like a loader batch: xyz (B, N, 3) in [-1, 1], feats (B, C, N) (xyz, plus height when C = 4).
+
+    Own generator: the global random state is left alone.
+    """
+    xyz = torch.rand(batch, num_points, 3, generator=generator) * 2 - 1
+    feats = xyz.transpose(1, 2).contiguous() if in_channels == 3 else torch.cat(
+        [xyz.transpose(1, 2), xyz[:, :, 1:2].transpose(1, 2) + 1], dim=1)
+    return xyz, feats
+
+
 @torch.no_grad()
 def latency_ms(
     model: Callable[..., torch.Tensor],
@@ -93,9 +105,7 @@ def latency_ms(
     result: dict[str, object] = {"threads": threads, "num_points": num_points}
     with torch_threads(threads):
         for batch in batch_sizes:
-            xyz = torch.rand(batch, num_points, 3, generator=gen) * 2 - 1
-            feats = xyz.transpose(1, 2).contiguous() if in_channels == 3 else torch.cat(
-                [xyz.transpose(1, 2), xyz[:, :, 1:2].transpose(1, 2) + 1], dim=1)
+            xyz, feats = random_clouds(batch, num_points, in_channels, gen)
             # warm-up 3: the TorchScript profiling executor specialises the graph on its first runs
             stats = time_call(lambda: model(xyz, feats), repeats, warmup=3)
             result[f"batch_{batch}"] = stats["median"]

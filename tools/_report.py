@@ -7,7 +7,6 @@ through Inductor, for `pt2e_x86`, whose compile time is recorded as `compile_s`)
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,10 +16,12 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 import qat
+from models import atomic_write
 from qat import backend
 from qat.export import file_size_mb
 
 import _pipeline as P
+from _measure import random_clouds
 
 __all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table", "save_confusion_png"]
 
@@ -109,12 +110,8 @@ def quantized_run_metrics(
 
 
 def _random_inputs(batch: int, d: P.Data) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs shaped like the test loader's batches: xyz (B, N, 3), feats (B, C, N) (own generator:
-    the global random state is left alone)."""
-    xyz = torch.rand(batch, d.num_points, 3, generator=torch.Generator().manual_seed(batch)) * 2 - 1
-    feats = xyz.transpose(1, 2) if d.in_channels == 3 else torch.cat(
-        [xyz.transpose(1, 2), xyz[:, :, 1:2].transpose(1, 2) + 1], dim=1)
-    return xyz, feats.contiguous()
+    """Export / compile inputs for batch size `batch`, shaped like the test loader's batches."""
+    return random_clouds(batch, d.num_points, d.in_channels, torch.Generator().manual_seed(batch))
 
 
 def print_results_table(rows: list[tuple[str, dict[str, Any]]]) -> None:
@@ -200,7 +197,7 @@ def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path
                     ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6,
                             color="white" if share[i, j] > 50 else "black")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
