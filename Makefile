@@ -8,10 +8,13 @@ ARGS   ?=
 
 .PHONY: train test test-fast bench clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt
+# torch first (pinned), then the project itself, editable, built against that torch (its C++
+# neighbour kernels, when setup.py builds them), with the test-only pins of the `dev` extra.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(wildcard setup.py models/csrc/*)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -6,9 +6,11 @@ teacher, a W&B login or a dataset of the developer's machine.
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +39,12 @@ def run_tool(tool: str, workdir: Path, *args: str, check: bool = True, threads: 
     if check and proc.returncode != 0:
         raise AssertionError(f"{tool} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def load_tool(name: str) -> ModuleType:
+    """`tools/<name>.py` as a module, for the tests of a tool's own helpers (tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name
+    spec.loader.exec_module(module)
+    return module

@@ -17,9 +17,8 @@ from torch.utils.data import Dataset
 import _tools as tools
 from _tools import ROOT, TINY_DATA
 from data import build_loader
-from distill import distributed as D
+from distill import distributed
 
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 class Keys(Dataset):
@@ -47,7 +46,7 @@ def seed_like_the_engine(loader, epoch, seed=0):
 def test_sharded_loader_partitions_every_single_process_batch(world):
     dataset, global_batch = Keys(50), 12
     one = build_loader(dataset, global_batch, shuffle=True, seed=0, drop_last=True)
-    shards = [D.build_sharded_loader(dataset, global_batch, 0, rank, world) for rank in range(world)]
+    shards = [distributed.build_sharded_loader(dataset, global_batch, 0, rank, world) for rank in range(world)]
     for epoch in range(2):
         for loader in [one, *shards]:
             seed_like_the_engine(loader, epoch)
@@ -61,12 +60,12 @@ def test_sharded_loader_partitions_every_single_process_batch(world):
 
 
 def test_eval_shards_cover_the_split_once():
-    shards = [list(D.EvalShard(range(11), rank, 3)) for rank in range(3)]
+    shards = [list(distributed.EvalShard(range(11), rank, 3)) for rank in range(3)]
     assert sorted(sum(shards, [])) == list(range(11))
 
 
 def test_progress_bar_iterates_the_loader_in_the_same_order_as_the_bare_loader():
-    from _logging import progress
+    from runtime.logger import progress
 
     loader = build_loader(Keys(40), 8, shuffle=True, seed=0, drop_last=True)
     seed_like_the_engine(loader, 0)
@@ -76,25 +75,26 @@ def test_progress_bar_iterates_the_loader_in_the_same_order_as_the_bare_loader()
 
 
 def test_config_checks_for_torchrun(monkeypatch):
-    import _pipeline as P
+    from runtime import pipeline
 
+    from runtime.config import ConfigError, check_launch, validate_config
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train_kd_qat", overrides=["train.batch_size=30", "device=cpu"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(P.ConfigError, match="train.batch_size=30 is the global batch.*multiple of 4"):
-        P.validate_config(cfg)
+    with pytest.raises(ConfigError, match="train.batch_size=30 is the global batch.*multiple of 4"):
+        validate_config(cfg)
     cfg.train.batch_size, cfg.train.sync_bn = 32, True
-    with pytest.raises(P.ConfigError, match="sync_bn=true needs CUDA"):
-        P.validate_config(cfg)
+    with pytest.raises(ConfigError, match="sync_bn=true needs CUDA"):
+        validate_config(cfg)
     cfg.train.sync_bn = False
-    P.validate_config(cfg)
+    validate_config(cfg)
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
-    with pytest.raises(P.ConfigError, match="give hydra.run.dir"):
-        P.check_launch(cfg, run_dir_given=False)
-    P.check_launch(cfg, run_dir_given=True)
+    with pytest.raises(ConfigError, match="give hydra.run.dir"):
+        check_launch(cfg, run_dir_given=False)
+    check_launch(cfg, run_dir_given=True)
 
 
 # ---- rank-synchronised observers (2 gloo processes) ------------------------------------------

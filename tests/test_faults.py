@@ -19,7 +19,6 @@ from _tools import ROOT, TINY
 WRAPPER = r'''
 import os, runpy, signal, sys
 root, tool = sys.argv[1], sys.argv[2]
-sys.path[:0] = [os.path.join(root, "tools"), root]
 kind, n = os.environ["KDQAT_FAULT"].split(":")
 n = int(n)
 # torchrun restarts: fault only the first attempt, so the restarted worker can finish

@@ -2,7 +2,7 @@
 
 OpenPoints (PyPI `openpoints==0.1.2`, a test-only dependency) is built from the `model:` section
 of its own PointNeXt-S YAMLs with CPU stand-ins for its uncompiled CUDA ops
-(`tests/_openpoints_ref.py`). Weights and BN running statistics are randomised so every layer,
+(`models/_openpoints_ref.py`). Weights and BN running statistics are randomised so every layer,
 BN included, matters; state dicts are exchanged strictly in both directions and the logits must
 agree to max|Δ| / max|logit| < 1e-5.
 """
@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("openpoints")
 
-from models import create_model, load_checkpoint  # noqa: E402
-from tests._openpoints_ref import (  # noqa: E402
+from models import create_model, load_checkpoint
+from models._openpoints_ref import (
     ball_query_reference,
     build_reference,
     fps_reference,

@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("torchao")
 
-from models import create_model, neighbor_ops, neighbors  # noqa: E402
-import qat  # noqa: E402
-from qat import QConfigSpec, QuantSchedule, SpecError, backend, fx, group_stages, pt2e  # noqa: E402
+from models import create_model, neighbor_ops, neighbors
+import qat
+from qat import QConfigSpec, QuantSchedule, SpecError, backend, fx, group_stages, pt2e
 
 ROOT = Path(__file__).resolve().parents[1]
 PT2E = QConfigSpec(backend="pt2e_x86")

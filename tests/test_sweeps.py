@@ -19,9 +19,10 @@ from omegaconf import OmegaConf
 
 from _tools import ROOT, TINY, run_tool
 
-sys.path.insert(0, str(ROOT / "tools"))
-import _pipeline as P  # noqa: E402
-from _wandb_offline import find_offline_runs, read_offline_run  # noqa: E402
+from runtime import pipeline
+
+from runtime.config import ConfigError, validate_config
+from runtime.wandb_offline import find_offline_runs, read_offline_run
 
 SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
 _ABSENT = object()
@@ -120,14 +121,14 @@ def test_the_agents_arguments_compose_and_every_combination_validates(path):
     proposal = sweeps.next_run(sweeps.SweepConfig(sweep), [])
     args = create_sweep_command_args({"args": proposal.config})["args_no_hyphens"]
     cfg = compose_train(fixed_args(sweep) + args)
-    P.validate_config(cfg)
+    validate_config(cfg)
     names = list(sweep["parameters"])
     for values in itertools.product(*(candidates(sweep["parameters"][n]) for n in names)):
         for name, value in zip(names, values):
             OmegaConf.update(cfg, name, value, merge=False)
         try:
-            P.validate_config(cfg)
-        except P.ConfigError as err:
+            validate_config(cfg)
+        except ConfigError as err:
             pytest.fail(f"{path.name}: {dict(zip(names, values))} is rejected: {err}")
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from _tools import ROOT, TINY, run_tool, tool_env
+from _tools import ROOT, TINY, load_tool, run_tool, tool_env
 
-sys.path.insert(0, str(ROOT / "tools"))
-import ablate  # noqa: E402
-import _pipeline as P  # noqa: E402
-import _tables as T  # noqa: E402
-from _wandb_offline import find_offline_runs, read_offline_run  # noqa: E402
+ablate = load_tool("ablate")
+
+from runtime import pipeline
+from runtime.config import validate_config
+from runtime import tables
+from runtime.wandb_offline import find_offline_runs, read_offline_run
 
 MAIN_ROWS = ["fp32", "static", "qat", "kd_qat", "kd_qat_searched"]
 LABELS = {"fp32": "FP32 teacher", "static": "static PTQ", "qat": "QAT", "kd_qat": "KD-QAT",
@@ -52,7 +53,7 @@ def write_run(results: Path, row: str, seed: int, metrics: dict | None, table="m
     if metrics is not None:
         (path / "metrics.json").write_text(json.dumps(metrics))
     if status is not None:
-        (path / T.STATUS_FILE).write_text(json.dumps(status))
+        (path / tables.STATUS_FILE).write_text(json.dumps(status))
     if curve:
         lines = [{"step": 3, "train/loss": 1.0}]
         lines += [{"step": 10 * (e + 1), "epoch": e, "val/oa_fakequant": v} for e, v in enumerate(curve)]
@@ -87,7 +88,7 @@ def build_csv(results: Path) -> dict[str, dict[str, str]]:
     """The main table's CSV rows by label, without drawing the figures (the same cells as `build`)."""
     cfg = ablate_cfg(results)
     rows = ablate.table_rows(cfg)
-    text = T.table_csv(ablate.row_records(cfg, rows, ablate.collect(cfg, rows)), T.MAIN_COLUMNS)
+    text = tables.table_csv(ablate.row_records(cfg, rows, ablate.collect(cfg, rows)), tables.MAIN_COLUMNS)
     return {r["row"]: r for r in csv.DictReader(io.StringIO(text))}
 
 
@@ -222,7 +223,7 @@ def test_main_table_marks_the_pareto_front_and_plots_the_validation_curves(tmp_p
     assert "2 threads, 256 points" in markdown
     for png in ("quick_pareto.png", "quick_curves.png"):
         assert (tmp_path / "main" / png).stat().st_size > 5000 and f"]({png})" in markdown
-    record = T.read_run_dir(tmp_path / "main" / "runs" / "quick" / "qat" / "seed0", 0)
+    record = tables.read_run_dir(tmp_path / "main" / "runs" / "quick" / "qat" / "seed0", 0)
     assert record.curve == [(0, 67.0), (1, 69.0)]  # the student's epochs, from log.jsonl
 
 
@@ -272,7 +273,7 @@ def test_every_row_preset_composes_with_both_profiles(tmp_path):
             experiment = run.experiment.replace("_quick", f"_{profile}")
             with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
                 composed = compose(config_name, overrides=[f"+experiment=[{profile},{experiment}]", *run.extra])
-            P.validate_config(composed)  # e.g. a schedule preset freezing observers before fake quant starts
+            validate_config(composed)  # e.g. a schedule preset freezing observers before fake quant starts
             if profile == "full":
                 assert composed.dataset.name == "modelnet40" and composed.model.width == 32
                 assert composed.qat.freeze_observer_epoch == 15 and composed.train.epochs == 20
@@ -299,7 +300,7 @@ run.finish()
 def test_wandb_names_read_are_the_ones_the_training_logs():
     from test_sweeps import logged_metric_names  # read from tools/train_kd_qat.py's source
 
-    assert set(T.WANDB_SUMMARY_KEYS) | {"test/oa_fp32"} <= logged_metric_names()
+    assert set(tables.WANDB_SUMMARY_KEYS) | {"test/oa_fp32"} <= logged_metric_names()
 
 
 def test_wandb_offline_runs_fill_the_cells_their_run_dirs_lack(tmp_path):

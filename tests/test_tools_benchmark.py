@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from _tools import load_tool
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.mark.slow
@@ -54,7 +55,7 @@ def test_benchmark_times_pt2e_int8_beside_fx_int8_and_names_the_faster(tmp_path)
 def test_openpoints_reference_ops_keep_the_kernel_semantics_of_the_project_ops():
     """The reference column's straightforward ops compute the same neighbourhoods (random clouds:
     no exact ties), so the int8 / OpenPoints ratio compares equal work."""
-    import benchmark
+    benchmark = load_tool("benchmark")
     from models import neighbors
 
     xyz = torch.rand(2, 128, 3, generator=torch.Generator().manual_seed(0))
@@ -69,7 +70,7 @@ def test_openpoints_reference_ops_keep_the_kernel_semantics_of_the_project_ops()
 
 def test_openpoints_reference_builds_and_classifies():
     pytest.importorskip("openpoints")
-    import benchmark
+    benchmark = load_tool("benchmark")
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"seed": 0, "bench": {"num_classes": 4}, "model": {"width": 8}})
@@ -80,11 +81,11 @@ def test_openpoints_reference_builds_and_classifies():
 
 
 def test_timings_run_under_a_fixed_allocator_on_glibc():
-    """Latency must not depend on what the process did before (see `_measure.steady_allocator`)."""
+    """Latency must not depend on what the process did before (see `measure.steady_allocator`)."""
     import platform
 
-    import _measure
+    from runtime import measure
 
     expected = platform.libc_ver()[0] == "glibc"
-    assert _measure.steady_allocator() is expected
-    assert _measure.steady_allocator() is expected  # once per process, then cached
+    assert measure.steady_allocator() is expected
+    assert measure.steady_allocator() is expected  # once per process, then cached

@@ -11,7 +11,6 @@ import torch
 
 from _tools import ROOT, TINY_DATA, run_tool
 
-sys.path.insert(0, str(ROOT))
 DATA = TINY_DATA
 TRAIN = ["model.width=8", "teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=16",
          "bench.repeats=1"]

@@ -86,8 +86,6 @@ def test_interactive_menu_keeps_the_defaults_on_empty_answers(tmp_path):
 @pytest.mark.slow
 def test_non_interactive_run_executes_the_printed_command(tmp_path):
     import sys
-
-    sys.path.insert(0, str(ROOT))
     from models import create_model
 
     odd = tmp_path / "odd dir; x"  # the checkpoint and the run directory both need quoting

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _tools import ROOT, TINY_DATA, run_tool
+from _tools import ROOT, TINY_DATA, load_tool, run_tool
 
-sys.path.insert(0, str(ROOT / "tools"))  # the tools' own modules (_report, quantize) for the table tests
 
 TINY = TINY_DATA + ["dataset.test_per_class=2", "model.width=8", "teacher.epochs=1", "train.epochs=1",
                     "train.batch_size=16", "train.eval_batch_size=16", "bench.repeats=1"]
@@ -118,7 +117,7 @@ def _fabricated(oa: float, size: float, b1: float, b16: float, backend: str | No
 
 
 def test_compare_table_shows_each_backend_and_its_compile_time():
-    from _report import compare_table
+    from runtime.report import compare_table
 
     results = {"fp32": _fabricated(70.0, 2.0, 10.0, 80.0),
                "kd_qat-fbgemm": _fabricated(71.0, 0.5, 5.0, 40.0, "fbgemm", None),
@@ -142,9 +141,9 @@ def _quantize_config(*overrides: str):
 
 
 def test_compare_backends_plans_one_run_per_method_and_backend_from_one_spec():
-    import quantize
+    quantize = load_tool("quantize")
 
-    from _workflow import METHODS
+    from runtime.workflow import METHODS
 
     cfg = _quantize_config("compare_backends=[fx_fbgemm,pt2e_x86]", "qat.activation_observer=minmax")
     runs = quantize.plan_runs(cfg, list(METHODS))
@@ -159,10 +158,10 @@ def test_compare_backends_plans_one_run_per_method_and_backend_from_one_spec():
 
 
 def test_compare_backends_refuses_a_spec_pt2e_cannot_express_naming_the_key():
-    import quantize
+    quantize = load_tool("quantize")
 
-    from _pipeline import ConfigError
-    from _workflow import METHODS
+    from runtime.pipeline import ConfigError
+    from runtime.workflow import METHODS
 
     cfg = _quantize_config("compare_backends=[fbgemm,pt2e_x86]", "qat.weight=per_tensor")
     with pytest.raises(ConfigError, match=r"^compare_backends: weight=per_tensor cannot be expressed with backend "

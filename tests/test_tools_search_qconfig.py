@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import _tools as tools
-from _tools import ROOT
+from _tools import ROOT, load_tool
 
-sys.path.insert(0, str(ROOT / "tools"))
+tool = load_tool("search_qconfig")
 
-import search_qconfig as tool  # noqa: E402
-from qat.search import Budget, greedy_search  # noqa: E402
-from test_qat_search import fp32_count_latency  # noqa: E402
-from test_qat_sensitivity import fragile_analysis  # noqa: E402
+
+from qat.search import Budget, greedy_search
+from test_qat_search import fp32_count_latency
+from test_qat_sensitivity import fragile_analysis
 
 TINY = [
     "dataset.train_per_class=6", "dataset.test_per_class=3", "dataset.num_points=128",
@@ -96,7 +96,9 @@ def test_run_directory_holds_the_spec_the_report_and_the_plots(finished_run):
 def test_written_spec_reproduces_the_reported_accuracy_and_loads_in_train_kd_qat(finished_run):
     from omegaconf import OmegaConf
 
-    import _pipeline as P
+    from runtime import pipeline
+
+    from runtime.config import validate_config
     import qat
     from models import load_checkpoint
     from qat.sensitivity import PTQProxy
@@ -104,8 +106,8 @@ def test_written_spec_reproduces_the_reported_accuracy_and_loads_in_train_kd_qat
     run = finished_run
     payload = json.loads((run / "search.json").read_text())
     cfg = OmegaConf.load(run / "config.yaml")
-    d = P.build_data(cfg)
-    model = P.build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
+    d = pipeline.build_data(cfg)
+    model = pipeline.build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
     load_checkpoint(model, run / "teacher" / "final.pt")
     calib, select, _ = tool.search_batches(cfg, d)
     threads = torch.get_num_threads()
@@ -120,7 +122,7 @@ def test_written_spec_reproduces_the_reported_accuracy_and_loads_in_train_kd_qat
     assert scores.accuracy == payload["chosen"]["accuracy"]
     assert scores.kl == pytest.approx(payload["chosen"]["kl"], rel=1e-4, abs=1e-9)
     cfg.qat.qconfig = str(run / "qconfig.yaml")
-    P.validate_config(cfg)  # what tools/train_kd_qat.py qat.qconfig=PATH checks first
+    validate_config(cfg)  # what tools/train_kd_qat.py qat.qconfig=PATH checks first
     qat.build_qconfig_mapping(qat.spec_from_config(cfg.qat), qat=True, model=model)
 
 

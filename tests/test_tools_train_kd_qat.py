@@ -52,7 +52,6 @@ def test_int8_artifact_loads_without_the_project_and_reproduces_the_reported_acc
         "x = torch.load(sys.argv[2])\n"
         "torch.save(m(x['xyz'], x['feats']).argmax(1), sys.argv[3])\n"
     )
-    sys.path.insert(0, str(ROOT))
     from omegaconf import OmegaConf
 
     import data
@@ -97,7 +96,6 @@ def test_bad_config_fails_with_one_line_before_training(tmp_path, override, mess
 
 @pytest.mark.slow
 def test_teacher_checkpoint_for_another_class_count_is_refused(tmp_path):
-    sys.path.insert(0, str(ROOT))
     from models import create_model
 
     ckpt = tmp_path / "teacher40.pth"

@@ -12,7 +12,7 @@ Each (row, seed) is one call of an existing tool (`train_kd_qat.py`, `quantize.p
 `results/<table>/runs/<profile>/<row>/seed<S>/`, with `'+experiment=[<profile>,<row preset>]'`:
 a failing run cannot take the others down, and a finished run is not repeated (same settings).
 With `launcher=<hydra launcher>` each row is instead one hydra multirun over its seeds (same dirs).
-Then every cell is read back from the runs' metrics.json / log.jsonl (tools/_tables.py) and
+Then every cell is read back from the runs' metrics.json / log.jsonl (runtime/tables.py) and
 written as `results/<table>/<profile>.md`, `.csv` and PNG figures.
 """
 from __future__ import annotations
@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the project's packages
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-import _tables as T  # noqa: E402
-from _pipeline import write_json  # noqa: E402
-from _wandb_offline import find_offline_runs, read_offline_run  # noqa: E402
+from runtime import tables
+from runtime.pipeline import write_json
+from runtime.wandb_offline import find_offline_runs, read_offline_run
 
 
 class AblateError(ValueError):
@@ -132,12 +131,12 @@ def finished(cfg: DictConfig, run: Run, seed: int) -> bool:
     """A usable result exists: launched here with these settings, or made by hand (no status file,
     e.g. by the equivalent hydra multirun), and finished (a search: qconfig.yaml; a row: metrics.json)."""
     path = run_dir(cfg, run, seed)
-    status = T.read_json(path / T.STATUS_FILE)
+    status = tables.read_json(path / tables.STATUS_FILE)
     expected = run_identity(cfg, run, seed) if status is not None else None
     if run.name == SEARCH:
         return (path / "qconfig.yaml").is_file() and (status is None or (
             status.get("returncode") == 0 and status.get("overrides") == expected))
-    return T.read_run_dir(path, seed, expected).status == "ok"
+    return tables.read_run_dir(path, seed, expected).status == "ok"
 
 
 def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
@@ -152,7 +151,7 @@ def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
     search_dir = run_dir(cfg, Run(SEARCH, ""), seed)
     if run.search and not (search_dir / "qconfig.yaml").is_file():
         status["reason"] = f"the qconfig search it needs did not finish (see {search_dir})"
-        write_json(path / T.STATUS_FILE, status)
+        write_json(path / tables.STATUS_FILE, status)
         return None, status["reason"]
     python = cfg.python or sys.executable
     command = [python, str(ROOT / "tools" / run.tool), *overrides, *logging_overrides(cfg, run),
@@ -163,7 +162,7 @@ def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
     status.update(returncode=proc.returncode, seconds=round(time.monotonic() - start, 1), command=command,
                   reason="" if proc.returncode == 0 else failure_reason((path / "ablate_output.log").read_text(),
                                                                          proc.returncode))
-    write_json(path / T.STATUS_FILE, status)
+    write_json(path / tables.STATUS_FILE, status)
     return proc.returncode, status["reason"]
 
 
@@ -189,7 +188,7 @@ def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, s
             shutil.rmtree(path)
         path.mkdir(parents=True)
         if seed not in ready:
-            write_json(path / T.STATUS_FILE, {"overrides": run_identity(cfg, run, seed), "returncode": None,
+            write_json(path / tables.STATUS_FILE, {"overrides": run_identity(cfg, run, seed), "returncode": None,
                                               "reason": "the qconfig search it needs did not finish"})
     if not ready:
         return 1, "no seed has its qconfig search"
@@ -207,7 +206,7 @@ def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, s
     for seed in ready:  # a seed without metrics.json failed (or never started: the basic launcher stops at a failure)
         path = run_dir(cfg, run, seed)
         done = (path / "metrics.json").is_file() or (run.name == SEARCH and (path / "qconfig.yaml").is_file())
-        write_json(path / T.STATUS_FILE, {
+        write_json(path / tables.STATUS_FILE, {
             "overrides": run_identity(cfg, run, seed), "tool": run.tool, "command": command,
             "returncode": 0 if done else (proc.returncode or 1), "seconds": round(time.monotonic() - start, 1),
             "reason": "" if done else (reason if proc.returncode else "no result written")})
@@ -241,10 +240,10 @@ def run_all(cfg: DictConfig, runs: list[Run]) -> None:
 
 
 # ---- collecting ------------------------------------------------------------------------------------
-def wandb_records(cfg: DictConfig) -> dict[tuple[str, int], T.Record]:
+def wandb_records(cfg: DictConfig) -> dict[tuple[str, int], tables.Record]:
     """(run name, seed) → Record from W&B offline runs tagged ablate.<table>.<profile>.<run name>."""
     prefix = f"ablate.{cfg.table}.{cfg.profile}."
-    found: dict[tuple[str, int], T.Record] = {}
+    found: dict[tuple[str, int], tables.Record] = {}
     for root in cfg.wandb_dirs:
         if not Path(root).exists():
             raise AblateError(f"wandb_dirs: {root} does not exist")
@@ -252,23 +251,23 @@ def wandb_records(cfg: DictConfig) -> dict[tuple[str, int], T.Record]:
             offline = read_offline_run(path)
             for tag in (t for t in offline.tags if t.startswith(prefix)):
                 seed = offline.config.get("seed")
-                figures = T.figures_from_wandb(offline.summary)
+                figures = tables.figures_from_wandb(offline.summary)
                 ok = offline.exit_code == 0 and "oa" in figures
-                found[(tag[len(prefix):], seed)] = T.Record(
-                    "ok" if ok else "failed", figures if ok else {}, T.epoch_curves(offline.history),
+                found[(tag[len(prefix):], seed)] = tables.Record(
+                    "ok" if ok else "failed", figures if ok else {}, tables.epoch_curves(offline.history),
                     "" if ok else f"W&B run exited {offline.exit_code}", source=str(path))
     return found
 
 
-def collect(cfg: DictConfig, rows: list[Row]) -> dict[tuple[str, int], T.Record]:
+def collect(cfg: DictConfig, rows: list[Row]) -> dict[tuple[str, int], tables.Record]:
     """A Record for every (run, seed): from its run directory, else from W&B, else missing."""
     from_wandb = wandb_records(cfg) if cfg.wandb_dirs else {}
     records = {}
     for run in {row.run for row in rows}:
         for seed in cfg.seeds:
             path = run_dir(cfg, run, seed)
-            status = T.read_json(path / T.STATUS_FILE)  # none: a run made by hand, taken as it is
-            record = T.read_run_dir(path, seed, run_identity(cfg, run, seed) if status is not None else None)
+            status = tables.read_json(path / tables.STATUS_FILE)  # none: a run made by hand, taken as it is
+            record = tables.read_run_dir(path, seed, run_identity(cfg, run, seed) if status is not None else None)
             if record.status != "ok" and (run.name, seed) in from_wandb:
                 record = from_wandb[(run.name, seed)]
             records[(run.name, seed)] = record
@@ -276,7 +275,7 @@ def collect(cfg: DictConfig, rows: list[Row]) -> dict[tuple[str, int], T.Record]
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def _stated(records: list[T.Record], key: str) -> str:
+def _stated(records: list[tables.Record], key: str) -> str:
     values = sorted({int(r.figures[key]) for r in records if r.status == "ok" and key in r.figures})
     return "/".join(map(str, values)) if values else "?"
 
@@ -287,17 +286,17 @@ def _relative(source: str, base: Path) -> str:
 
 
 def row_records(cfg: DictConfig, rows: list[Row],
-                records: dict[tuple[str, int], T.Record]) -> list[tuple[str, list[T.Record]]]:
+                records: dict[tuple[str, int], tables.Record]) -> list[tuple[str, list[tables.Record]]]:
     """(label, one Record per seed) for each row, in the table's order."""
     return [(row.label, [records[(row.run.name, s)] for s in cfg.seeds]) for row in rows]
 
 
-def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int], T.Record]) -> Path:
+def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int], tables.Record]) -> Path:
     """`<profile>.md`, `<profile>.csv` and the figures of the table in results/<table>/."""
     out = Path(cfg.results_dir).resolve() / cfg.table
     out.mkdir(parents=True, exist_ok=True)
     spec = cfg.tables[cfg.table]
-    columns = T.MAIN_COLUMNS if spec.columns == "main" else T.QAT_COLUMNS
+    columns = tables.MAIN_COLUMNS if spec.columns == "main" else tables.QAT_COLUMNS
     by_row = row_records(cfg, rows, records)
     everything = [r for _, rs in by_row for r in rs]
     batch = _stated(everything, "eval_batch")
@@ -309,36 +308,36 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
         grid = {row.params: recs for row, (_, recs) in zip(rows, by_row)}
         row_values = [a for a in row_values if any(p[0] == a for p in grid)]
         col_values = [t for t in col_values if any(p[1] == t for p in grid)]
-        parts += [f"int8 OA % (rows {row_key}, columns {col_key}):\n", T.grid_markdown(grid, row_values, col_values,
+        parts += [f"int8 OA % (rows {row_key}, columns {col_key}):\n", tables.grid_markdown(grid, row_values, col_values,
                                                                                         "α", "T"), "All figures:\n"]
-        T.plot_heatmap(grid, row_values, col_values, out / f"{name}_heatmap.png", row_key, col_key,
+        tables.plot_heatmap(grid, row_values, col_values, out / f"{name}_heatmap.png", row_key, col_key,
                        f"int8 OA, {cfg.table} table ({cfg.profile})")
         parts.append(f"![heat map]({name}_heatmap.png)\n")
         extra = {row_key: [str(r.params[0]) for r in rows], col_key: [str(r.params[1]) for r in rows]}
-    parts.append(T.table_markdown(by_row, columns, batch))
-    (out / f"{name}.csv").write_text(T.table_csv(by_row, columns, extra))
+    parts.append(tables.table_markdown(by_row, columns, batch))
+    (out / f"{name}.csv").write_text(tables.table_csv(by_row, columns, extra))
     parts.append(
         f"\nCells: mean ± sample std over the seeds that finished; `(n=k/N)`: only k of N runs finished; "
-        f"`{T.MISSING}`: none did. Latency: median CPU ms, {_stated(everything, 'threads')} threads, "
+        f"`{tables.MISSING}`: none did. Latency: median CPU ms, {_stated(everything, 'threads')} threads, "
         f"{_stated(everything, 'num_points')} points, end to end (neighbour search included), int8 timed from the "
         f"reloaded TorchScript artifact; size ratios, speed-ups and ΔOA are against the FP32 model measured in the "
         f"same run.\n")
     if "grid" not in spec:
-        front = T.plot_pareto(by_row, out / f"{name}_pareto.png", batch, f"{cfg.table} table ({cfg.profile})")
+        front = tables.plot_pareto(by_row, out / f"{name}_pareto.png", batch, f"{cfg.table} table ({cfg.profile})")
         parts.append(f"![accuracy vs latency]({name}_pareto.png)\n\nPareto front (OA vs ms b={batch}): "
                      f"{', '.join(front) or 'none'}.\n")
     curves = [(label, recs) for (label, recs), row in zip(by_row, rows) if row.run.name in spec.get("curves", [])]
-    if curves and T.plot_curves(curves, out / f"{name}_curves.png", f"{cfg.table} table ({cfg.profile})"):
+    if curves and tables.plot_curves(curves, out / f"{name}_curves.png", f"{cfg.table} table ({cfg.profile})"):
         parts.append(f"![validation curves]({name}_curves.png)\n")
     problems = [f"- {row.label}, seed {s}: {records[(row.run.name, s)].status} — {records[(row.run.name, s)].reason} "
                 f"(`{_relative(records[(row.run.name, s)].source, out)}`)" for row in rows for s in cfg.seeds
                 if records[(row.run.name, s)].status != "ok"]
     if problems:
         parts += ["\nMissing or failed runs (not in any mean):\n", *dict.fromkeys(problems)]
-    seconds = [(T.read_json(run_dir(cfg, run, s) / T.STATUS_FILE) or {}).get("seconds")
+    seconds = [(tables.read_json(run_dir(cfg, run, s) / tables.STATUS_FILE) or {}).get("seconds")
                for run in runs_in_order(rows, cfg.profile) for s in cfg.seeds]
     if any(seconds):
-        parts.append(f"\nWall clock of the runs launched by tools/ablate.py (from their {T.STATUS_FILE}): "
+        parts.append(f"\nWall clock of the runs launched by tools/ablate.py (from their {tables.STATUS_FILE}): "
                      f"{sum(x for x in seconds if x) / 60:.1f} min over {sum(1 for x in seconds if x)} runs.\n")
     parts.append(f"\nRuns: `runs/{cfg.profile}/<row>/seed<S>/` (next to this file). Rebuilt by "
                  f"`python tools/ablate.py table={cfg.table} profile={cfg.profile} "

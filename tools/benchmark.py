@@ -25,27 +25,25 @@ import copy
 import math
 import multiprocessing as mp
 import resource
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from torch.fx.experimental.optimization import fuse as fold_bn  # noqa: E402
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.fx.experimental.optimization import fuse as fold_bn
 
-import qat  # noqa: E402
-from qat import backend  # noqa: E402
-from qat.spec import FX_BACKENDS, PT2E_BACKENDS  # noqa: E402
-from distill import DistillationLoss, FrozenTeacher  # noqa: E402
-from models import create_model, load_checkpoint  # noqa: E402
-from models.neighbors import shared_neighborhoods  # noqa: E402
-from qat.export import export_int8, file_size_mb  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _measure import time_call, time_interleaved, torch_threads  # noqa: E402
+import qat
+from qat import backend
+from qat.spec import FX_BACKENDS, PT2E_BACKENDS
+from distill import DistillationLoss, FrozenTeacher
+from models import create_model, load_checkpoint
+from models.neighbors import shared_neighborhoods
+from qat.export import export_int8, file_size_mb
+from runtime import pipeline
+from runtime.measure import time_call, time_interleaved, torch_threads
 
 # Profiler op names → the stages the report shows (first match wins; neighbour labels are ranges).
 STAGES = {
@@ -165,8 +163,7 @@ def openpoints_reference(cfg: DictConfig) -> torch.nn.Module | None:
         import openpoints.models.layers.group as op_group
         from openpoints.models import build_model_from_cfg
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from _openpoints_ref import model_cfg  # the official YAML's model section
+        from models._openpoints_ref import model_cfg  # the official YAML's model section
     except ImportError as error:
         print(f"note: OpenPoints reference skipped ({error}); `pip install -r requirements-dev.txt` adds it")
         return None
@@ -356,7 +353,7 @@ def main(cfg: DictConfig) -> None:
                     "torch": torch.__version__, "threads": cfg.bench.threads}
     with torch_threads(cfg.bench.threads):
         paths = build_paths(cfg)
-        result["size_mb"] = {"fp32_state_dict": P.state_dict_size_mb(paths["fp32_eager"]),
+        result["size_mb"] = {"fp32_state_dict": pipeline.state_dict_size_mb(paths["fp32_eager"]),
                              "int8_artifact": file_size_mb(run_dir / "model_int8.pt")}
         result["size_mb"]["int8_over_fp32"] = result["size_mb"]["int8_artifact"] / result["size_mb"]["fp32_state_dict"]
         reference = openpoints_reference(cfg) if cfg.bench.openpoints_reference else None
@@ -383,7 +380,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.bench.sweep:
         result["sweep"] = size_sweep(paths, cfg)
         plot(result["sweep"], run_dir / "benchmark.png")
-    P.write_json(run_dir / "benchmark.json", result)
+    pipeline.write_json(run_dir / "benchmark.json", result)
     report(result)
     print(f"\nwritten: {run_dir / 'benchmark.json'}")
 

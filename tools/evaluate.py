@@ -27,23 +27,23 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import torch
+import torch.nn as nn
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-import data  # noqa: E402
-import qat  # noqa: E402
-from distill import seed_everything  # noqa: E402
-from models import CheckpointError, load_checkpoint, read_checkpoint  # noqa: E402
-from models.checkpoint import extract_state_dict  # noqa: E402
-from qat import backend  # noqa: E402
-from qat.export import read_sidecar, sidecar_path  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _report import save_confusion_png  # noqa: E402
+import data
+import qat
+from distill import seed_everything
+from models import CheckpointError, load_checkpoint, read_checkpoint
+from models.checkpoint import extract_state_dict
+from qat import backend
+from qat.export import read_sidecar, sidecar_path
+from runtime import pipeline
+from runtime.config import ConfigError, USER_ERRORS, pick_device
+from runtime.report import save_confusion_png
 
 KINDS = {"fp32": "FP32 checkpoint", "qat": "QAT checkpoint (fake quant)", "int8": "int8 artifact"}
 NO_AUGMENT = {"scale_low": 1.0, "scale_high": 1.0, "translate": 0.0, "jitter_sigma": 0.0, "rotation": 0.0}
@@ -53,7 +53,7 @@ NO_AUGMENT = {"scale_low": 1.0, "scale_high": 1.0, "translate": 0.0, "jitter_sig
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except P.USER_ERRORS as err:  # bad path, config, data or checkpoint: one line, non-zero exit
+    except USER_ERRORS as err:  # bad path, config, data or checkpoint: one line, non-zero exit
         sys.exit(f"error: {err}")
 
 
@@ -62,24 +62,24 @@ def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     path = Path(cfg.checkpoint)
     if not cfg.checkpoint or not path.is_file():
-        raise P.ConfigError(f"checkpoint={cfg.checkpoint}: no such file; pass checkpoint=PATH to an FP32 checkpoint, "
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file; pass checkpoint=PATH to an FP32 checkpoint, "
                             "a run's student/last.pt or its model_int8.pt (.pt2)")
     if cfg.split not in ("test", "train"):
-        raise P.ConfigError(f"split={cfg.split}: use test or train")
+        raise ConfigError(f"split={cfg.split}: use test or train")
     if not isinstance(cfg.pt2_compile, bool):
-        raise P.ConfigError(f"pt2_compile={cfg.pt2_compile!r}: use true or false")
+        raise ConfigError(f"pt2_compile={cfg.pt2_compile!r}: use true or false")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
     d = split_data(cfg)
 
     # ---- the model, whatever the file holds, then its predictions ---------------------------------
     kind, model = load_model(path, cfg, d)
-    device = torch.device("cpu") if kind == "int8" else P.pick_device(cfg.device)  # fbgemm kernels: CPU only
+    device = torch.device("cpu") if kind == "int8" else pick_device(cfg.device)  # fbgemm kernels: CPU only
     if kind != "int8":
         model = model.to(device)
     # QAT: observers update in eval mode too, so freeze them to keep the ranges the student trained with
     with qat.observers_disabled(model) if kind == "qat" else contextlib.nullcontext():
-        result = P.evaluate(model, d, device)
+        result = pipeline.evaluate(model, d, device)
 
     # ---- report: console table, eval.json, confusion.png ------------------------------------------
     names = list(d.test.class_names)
@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> None:
     print(f"{'class':<{width}}  {'acc %':>7}  {'clouds':>6}")
     for name, acc, count in zip(names, result["per_class"], counts):
         print(f"{name:<{width}}  {'-' if math.isnan(acc) else f'{acc:.2f}':>7}  {count:>6}")
-    P.write_json(run_dir / "eval.json", {
+    pipeline.write_json(run_dir / "eval.json", {
         "checkpoint": str(path.resolve()), "kind": kind, "dataset": cfg.dataset.name, "split": cfg.split,
         "backend": read_sidecar(path).get("backend") if kind == "int8" else None,
         "num_points": d.num_points, "num_clouds": len(d.test), "oa": result["oa"], "macc": result["macc"],
@@ -104,8 +104,8 @@ def run(cfg: DictConfig) -> None:
     print(f"eval: {run_dir / 'eval.json'}  confusion: {run_dir / 'confusion.png'}")
 
 
-def split_data(cfg: DictConfig) -> P.Data:
-    """The split to evaluate, held as the `test` side of a `P.Data` so the pipeline's helpers apply.
+def split_data(cfg: DictConfig) -> pipeline.Data:
+    """The split to evaluate, held as the `test` side of a `pipeline.Data` so the pipeline's helpers apply.
 
     The train split is read like the test split: no augmentation, the first `num_points` stored
     points (in a seeded order; the order only moves FPS's start point).
@@ -116,10 +116,10 @@ def split_data(cfg: DictConfig) -> P.Data:
     split = data.build_dataset(dataset_cfg, cfg.split)
     loader = data.build_loader(split, cfg.train.eval_batch_size, shuffle=False, num_workers=cfg.train.num_workers,
                                seed=cfg.seed)
-    return P.Data(split, split, loader, loader)
+    return pipeline.Data(split, split, loader, loader)
 
 
-def load_model(path: Path, cfg: DictConfig, d: P.Data) -> tuple[str, Any]:
+def load_model(path: Path, cfg: DictConfig, d: pipeline.Data) -> tuple[str, Any]:
     """('int8' | 'qat' | 'fp32', the model in eval mode) for the file at `path`."""
     if sidecar_path(path).is_file():
         return "int8", load_artifact(path, d, cfg.pt2_compile)
@@ -133,7 +133,7 @@ def load_model(path: Path, cfg: DictConfig, d: P.Data) -> tuple[str, Any]:
     state = extract_state_dict(ckpt)
     if any(key.endswith("fake_quant_enabled") for key in state):  # a FakeQuantize's flag: FX-prepared student
         return "qat", load_qat(path, ckpt, state, cfg, d)
-    model = P.build_model(cfg.model.name, cfg.model.width, cfg, d)
+    model = pipeline.build_model(cfg.model.name, cfg.model.width, cfg, d)
     load_checkpoint(model, path)
     return "fp32", model.eval()
 
@@ -146,7 +146,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def load_artifact(path: Path, d: P.Data, compile_pt2: bool = True) -> Any:
+def load_artifact(path: Path, d: pipeline.Data, compile_pt2: bool = True) -> Any:
     """The int8 artifact, after checking its sidecar against the dataset evaluated.
 
     A `.pt2` (PT2E) program is compiled with Inductor (once per batch size, on its first batch:
@@ -162,7 +162,7 @@ def load_artifact(path: Path, d: P.Data, compile_pt2: bool = True) -> Any:
     expected = {"in_channels": d.in_channels, "class_names": list(d.test.class_names)}
     for key, value in expected.items():
         if sidecar.get(key) != value:
-            raise P.ConfigError(f"{sidecar_path(path)}: {key} {sidecar.get(key)} differs from the dataset's {value}; "
+            raise ConfigError(f"{sidecar_path(path)}: {key} {sidecar.get(key)} differs from the dataset's {value}; "
                                 "evaluate on the dataset the artifact was trained for (dataset=..., its keys)")
     if sidecar.get("num_points") != d.num_points:
         print(f"note: the artifact was measured on {sidecar.get('num_points')} points, this split has {d.num_points} "
@@ -187,7 +187,7 @@ def find_run_config(path: Path, cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[
     """
     if cfg.run_config:
         if not Path(cfg.run_config).is_file():
-            raise P.ConfigError(f"run_config={cfg.run_config}: no such file; pass the config.yaml of the run "
+            raise ConfigError(f"run_config={cfg.run_config}: no such file; pass the config.yaml of the run "
                                 "that wrote the checkpoint")
         return cfg.run_config, OmegaConf.load(cfg.run_config)
     for candidate in (path.parent.parent / "config.yaml", path.parent.parent.parent / "config.yaml"):
@@ -195,12 +195,12 @@ def find_run_config(path: Path, cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[
             return str(candidate), OmegaConf.load(candidate)
     if isinstance(ckpt.get("cfg"), dict):
         return f"{path} (its 'cfg' entry)", OmegaConf.create(ckpt["cfg"])
-    raise P.ConfigError(f"checkpoint {path}: no config.yaml in its run directory; pass run_config=PATH "
+    raise ConfigError(f"checkpoint {path}: no config.yaml in its run directory; pass run_config=PATH "
                         "(the config.yaml of the run that trained it)")
 
 
 def load_qat(path: Path, ckpt: dict[str, Any], state: dict[str, torch.Tensor], cfg: DictConfig,
-             d: P.Data) -> nn.Module:
+             d: pipeline.Data) -> nn.Module:
     """Rebuilds the run's FX-prepared student (architecture and qconfig spec from its config) and loads it.
 
     The state dict restores weights, BN statistics, observer ranges and fake-quant flags exactly,
@@ -210,10 +210,10 @@ def load_qat(path: Path, ckpt: dict[str, Any], state: dict[str, torch.Tensor], c
     try:
         qat.spec_from_config(run_cfg.qat)
     except FileNotFoundError as err:
-        raise P.ConfigError(f"{source}: qat.qconfig not found ({err}); run from the directory the run was started "
+        raise ConfigError(f"{source}: qat.qconfig not found ({err}); run from the directory the run was started "
                             "in, or pass run_config= with an absolute qat.qconfig") from None
-    student = P.build_model(run_cfg.model.name, run_cfg.model.width, run_cfg, d)
-    prepared = P.prepare_student(student, run_cfg, d)
+    student = pipeline.build_model(run_cfg.model.name, run_cfg.model.width, run_cfg, d)
+    prepared = pipeline.prepare_student(student, run_cfg, d)
     try:
         prepared.load_state_dict(state)
     except RuntimeError as err:

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from data.modelnet40 import load_modelnet40  # noqa: E402
-from data.synthetic import SyntheticConfig, ensure_synthetic  # noqa: E402
+from data.modelnet40 import load_modelnet40
+from data.synthetic import SyntheticConfig, ensure_synthetic
 
 DEFAULT_ROOT = Path(os.environ.get("KDQAT_CACHE", Path.home() / ".cache" / "kdqat")) / "synthetic"
 

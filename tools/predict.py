@@ -32,19 +32,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 # The int8 kernels print a C++ deprecation warning on first use; keep stderr for the per-file errors.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from data.transforms import AugmentConfig, PointPipeline, build_transforms  # noqa: E402
-from data.validate import DataError, read_h5  # noqa: E402
-from qat import backend  # noqa: E402
-from qat.export import read_sidecar, sidecar_path  # noqa: E402
+from data.transforms import AugmentConfig, PointPipeline, build_transforms
+from data.validate import DataError, read_h5
+from qat import backend
+from qat.export import read_sidecar, sidecar_path
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "predict.yaml"
 SUPPORTED = (".npy", ".txt", ".xyz", ".ply", ".h5")

@@ -18,25 +18,25 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distill import seed_everything  # noqa: E402
-from _logging import RunLogger  # noqa: E402
-import qat  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _report import compare_table, print_results_table  # noqa: E402
-from _workflow import METHODS, quantize  # noqa: E402
+from distill import seed_everything
+from runtime.logger import RunLogger
+import qat
+from runtime import pipeline
+from runtime.config import ConfigError, USER_ERRORS, pick_device, validate_config
+from runtime.report import compare_table, print_results_table
+from runtime.workflow import METHODS, quantize
 
 
 @hydra.main(config_path="../configs", config_name="quantize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except P.USER_ERRORS as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
 
 
@@ -45,21 +45,21 @@ def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     methods = list(METHODS) if cfg.method == "compare" else [cfg.method]
     if any(m not in METHODS for m in methods):
-        raise P.ConfigError(f"method={cfg.method}: use static, qat, kd_qat or compare")
+        raise ConfigError(f"method={cfg.method}: use static, qat, kd_qat or compare")
     with open_dict(cfg):
         if cfg.pretrained:
             cfg.teacher.ckpt = cfg.pretrained  # the FP32 model to quantize is the teacher of KD-QAT
         cfg.mode = "kd_qat"
-    P.validate_config(cfg)
+    validate_config(cfg)
     runs = plan_runs(cfg, methods)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    device = P.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     logger = RunLogger(cfg, run_dir, job_type="quantize")
-    d = P.build_data(cfg)
+    d = pipeline.build_data(cfg)
 
     # ---- the FP32 model, then each method from the same weights ---------------------------------
-    fp32, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
+    fp32, source = pipeline.obtain_teacher(cfg, d, run_dir, logger, device)
     logger.console(f"FP32 model: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     results = {}
     for name, method, method_cfg in runs:
@@ -68,11 +68,11 @@ def run(cfg: DictConfig) -> None:
         method_dir = run_dir / name if len(runs) > 1 else run_dir
         if method_cfg is not cfg:  # its own backend: its own config.yaml, which evaluate.py rebuilds the student from
             method_dir.mkdir(parents=True, exist_ok=True)
-            P.write_text(method_dir / "config.yaml", OmegaConf.to_yaml(method_cfg, resolve=True))
+            pipeline.write_text(method_dir / "config.yaml", OmegaConf.to_yaml(method_cfg, resolve=True))
         reference = {k: results["fp32"][k] for k in ("oa", "macc", "size_mb", "latency_ms")} if "fp32" in results else None
-        results[name] = quantize(method, method_cfg, d, P.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
+        results[name] = quantize(method, method_cfg, d, pipeline.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
                                  fp32_reference=reference)
-        P.write_json(method_dir / "metrics.json", results[name])
+        pipeline.write_json(method_dir / "metrics.json", results[name])
 
     # ---- report ---------------------------------------------------------------------------------
     print_results_table([(name, metrics) for name, metrics in results.items()])
@@ -96,14 +96,14 @@ def plan_runs(cfg: DictConfig, methods: list[str]) -> list[tuple[str, str, DictC
     if cfg.method != "compare" or backends is None:
         return [(method, method, cfg) for method in methods]
     if isinstance(backends, str) or not OmegaConf.is_list(backends) or not backends:
-        raise P.ConfigError(f"compare_backends={backends}: use a list, e.g. '[fbgemm,pt2e_x86]', or null")
+        raise ConfigError(f"compare_backends={backends}: use a list, e.g. '[fbgemm,pt2e_x86]', or null")
     base = qat.spec_from_config(cfg.qat)
     specs: dict[str, qat.QConfigSpec] = {}
     for name in backends:
         try:
             spec = qat.QConfigSpec.from_dict({**base.to_dict(), "backend": name})
         except qat.SpecError as err:
-            raise P.ConfigError(f"compare_backends: {err}") from None
+            raise ConfigError(f"compare_backends: {err}") from None
         specs.setdefault(spec.backend, spec)  # aliases (fx_fbgemm) name the same backend once
     if len(specs) == 1 and base.backend in specs:
         return [(method, method, cfg) for method in methods]

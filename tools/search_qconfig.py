@@ -24,35 +24,35 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 
-import hydra  # noqa: E402
-import matplotlib  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import matplotlib
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import data  # noqa: E402
-import qat  # noqa: E402
-from distill import seed_everything  # noqa: E402
-from models import neighbors  # noqa: E402
-from qat.search import Budget, Candidate, SearchResult, greedy_search, pareto_front, serialized_size_mb  # noqa: E402
-from qat.sensitivity import PTQProxy, Sensitivity, analyse, option_choice  # noqa: E402
-from _logging import RunLogger  # noqa: E402
-from _measure import latency_ms  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _workflow import calibration_loader  # noqa: E402
+import data
+import qat
+from distill import seed_everything
+from models import neighbors
+from qat.search import Budget, Candidate, SearchResult, greedy_search, pareto_front, serialized_size_mb
+from qat.sensitivity import PTQProxy, Sensitivity, analyse, option_choice
+from runtime.logger import RunLogger
+from runtime.measure import latency_ms
+from runtime import pipeline
+from runtime.config import ConfigError, USER_ERRORS, pick_device, validate_config
+from runtime.workflow import calibration_loader
 
 
 @hydra.main(config_path="../configs", config_name="search_qconfig", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except P.USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
+    except USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
         sys.exit(f"error: {err}")
 
 
@@ -64,16 +64,16 @@ def validate_search_config(cfg: DictConfig) -> Budget:
         for label in cfg.search.options or []:
             option_choice(label)
     except (TypeError, ValueError) as err:
-        raise P.ConfigError(str(err)) from None
+        raise ConfigError(str(err)) from None
     s = cfg.search
     for key, low, nullable in (("calib_batches", 1, False), ("eval_batches", 1, True), ("top_k", 1, True),
                                ("max_evals", 1, True), ("latency_batch", 1, False), ("latency_repeats", 1, False),
                                ("sqnr_clouds", 0, False)):
         value = s[key]
         if (value is None and not nullable) or (value is not None and (not isinstance(value, int) or value < low)):
-            raise P.ConfigError(f"search.{key}={value}: use an integer >= {low}{' or null' if nullable else ''}")
+            raise ConfigError(f"search.{key}={value}: use an integer >= {low}{' or null' if nullable else ''}")
     if not 0 <= s.min_kl_gain < 1:
-        raise P.ConfigError(f"search.min_kl_gain={s.min_kl_gain}: use a fraction in [0, 1)")
+        raise ConfigError(f"search.min_kl_gain={s.min_kl_gain}: use a fraction in [0, 1)")
     return budget
 
 
@@ -94,7 +94,7 @@ def reused_neighbourhoods(enabled: bool = True, memo: neighbors.NeighborhoodMemo
         yield
 
 
-def search_batches(cfg: DictConfig, d: P.Data) -> tuple[list, list, list]:
+def search_batches(cfg: DictConfig, d: pipeline.Data) -> tuple[list, list, list]:
     """(calibration inputs, selection (inputs, labels), report (inputs, labels)).
 
     Calibration: the first `search.calib_batches` batches of the un-augmented training clouds
@@ -128,16 +128,16 @@ def report_metrics(model: torch.nn.Module, batches: list, num_classes: int, reus
 def run(cfg: DictConfig) -> None:
     # ---- set-up: validate everything before any work, then data and logging -------------------
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    P.validate_config(cfg)
+    validate_config(cfg)
     budget = validate_search_config(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    device = P.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     logger = RunLogger(cfg, run_dir, job_type="search")
-    d = P.build_data(cfg)
+    d = pipeline.build_data(cfg)
 
     # ---- the FP32 model and the clouds every configuration is calibrated and scored on ----------
-    fp32, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
+    fp32, source = pipeline.obtain_teacher(cfg, d, run_dir, logger, device)
     fp32 = fp32.cpu().eval()
     logger.console(f"FP32 model: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     calib, select, report = search_batches(cfg, d)
@@ -161,7 +161,7 @@ def run(cfg: DictConfig) -> None:
     result = greedy_search(proxy, sensitivity, budget, measure_latency, top_k=cfg.search.top_k,
                            max_evals=cfg.search.max_evals, min_kl_gain=cfg.search.min_kl_gain, progress=logger.console)
     if not result.best.feasible:
-        raise P.ConfigError(f"no configuration fits the budget (all-int8: {result.base.note}); relax budget.*")
+        raise ConfigError(f"no configuration fits the budget (all-int8: {result.base.note}); relax budget.*")
 
     # ---- the chosen spec on disk, reloaded and re-scored: it is exactly the one evaluated -------
     spec_path = qat.save_spec(result.best.spec, run_dir / "qconfig.yaml")
@@ -205,7 +205,7 @@ def run(cfg: DictConfig) -> None:
     (run_dir / "sensitivity.csv").write_text(csv_table(sensitivity.rows()))
     plot_sensitivity(sensitivity, run_dir / "sensitivity.png")
     plot_pareto(result, summary["fp32"], payload["latency"], run_dir / "pareto.png")
-    P.write_json(run_dir / "search.json", payload)
+    pipeline.write_json(run_dir / "search.json", payload)
     logger.summary({"search/accuracy": result.best.scores.accuracy, "search/latency_ms": result.best.latency_ms})
     logger.finish()
     logger.console(payload["verdict"]["statement"])

@@ -19,68 +19,68 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-from distill import distributed as D  # noqa: E402
-from distill import seed_everything  # noqa: E402
-from _logging import RunLogger  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _report import print_results_table  # noqa: E402
-from _workflow import quantize  # noqa: E402
+from distill import distributed
+from distill import seed_everything
+from runtime.logger import RunLogger
+from runtime import pipeline
+from runtime.config import USER_ERRORS, check_launch, pick_device, validate_config
+from runtime.report import print_results_table
+from runtime.workflow import quantize
 
 
 @hydra.main(config_path="../configs", config_name="train_kd_qat", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except P.USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
+    except USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
         sys.exit(f"error: {err}")
     finally:
-        D.shutdown()
+        distributed.shutdown()
 
 
 def run(cfg: DictConfig) -> None:
     # ---- set-up: validate everything before any work, then data and logging -------------------
     hydra_cfg = HydraConfig.get()
-    P.validate_config(cfg)
-    P.check_launch(cfg, run_dir_given=any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra))
+    validate_config(cfg)
+    check_launch(cfg, run_dir_given=any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra))
     # torchrun: join the process group (gloo on CPU, nccl on CUDA: one GPU per local rank), and
     # use rank 0's run directory everywhere (each rank computed its own timestamp).
-    _, device = D.init_distributed(P.pick_device(cfg.device))
-    run_dir = Path(str(D.broadcast_object(hydra_cfg.runtime.output_dir)))
-    if D.is_main():
-        P.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    _, device = distributed.init_distributed(pick_device(cfg.device))
+    run_dir = Path(str(distributed.broadcast_object(hydra_cfg.runtime.output_dir)))
+    if distributed.is_main():
+        pipeline.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
     logger = RunLogger(cfg, run_dir)
-    d = P.build_data(cfg)
+    d = pipeline.build_data(cfg)
     logger.console(f"{cfg.dataset.name}: {len(d.train)} train / {len(d.test)} test clouds, "
                    f"{d.num_classes} classes, {d.num_points} points; run dir {run_dir}"
-                   + (f"; {D.world_size()} processes × {cfg.train.batch_size // D.world_size()} clouds per step"
-                      if D.world_size() > 1 else ""))
+                   + (f"; {distributed.world_size()} processes × {cfg.train.batch_size // distributed.world_size()} clouds per step"
+                      if distributed.world_size() > 1 else ""))
 
     # ---- FP32 teacher: given, cached, or trained with the same engine (quantization off) -------
-    teacher, source = P.obtain_teacher(cfg, d, run_dir, logger, device)
+    teacher, source = pipeline.obtain_teacher(cfg, d, run_dir, logger, device)
     logger.console(f"teacher: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
     if cfg.mode == "fp32":
         metrics = quantize("fp32", cfg, d, teacher, teacher, run_dir, logger, device)
         if metrics is None:  # not rank 0: training is over, rank 0 measures and writes
             return
-        P.write_json(run_dir / "metrics.json", metrics)
+        pipeline.write_json(run_dir / "metrics.json", metrics)
         print_results_table([("FP32 teacher", metrics)])
         return
 
     # ---- student: FP32 copy → FX-prepared → (KD-)QAT with the fake-quant schedule → int8 ------
-    # (tools/_workflow.py: prepare_qat_fx, the engine with the schedule as an epoch hook,
+    # (runtime/workflow.py: prepare_qat_fx, the engine with the schedule as an epoch hook,
     #  convert_fx, TorchScript export, evaluation of the reloaded artifact, latency and size)
-    student = P.init_student(cfg, d, teacher)
+    student = pipeline.init_student(cfg, d, teacher)
     metrics = quantize(cfg.mode, cfg, d, student, teacher, run_dir, logger, device)
     if metrics is None:  # not rank 0 (see above)
         return
-    P.write_json(run_dir / "metrics.json", metrics)
+    pipeline.write_json(run_dir / "metrics.json", metrics)
     final = {"test/oa_int8": metrics["oa"], "test/macc_int8": metrics["macc"], "test/oa_fp32": metrics["fp32"]["oa"],
              "test/oa_fakequant": metrics["fakequant"]["oa"], "test/size_mb_int8": metrics["size_mb"],
              "test/latency_ms_int8_batch_1": metrics["latency_ms"]["batch_1"]}

@@ -17,12 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 import data
 import qat
 from distill import FrozenTeacher
-from distill import distributed as D
+from distill import distributed
 from qat.distributed import ObserverSync, sync_observers
 
-import _pipeline as P
-from _logging import RunLogger
-from _report import fp32_figures, quantized_run_metrics
+from runtime import pipeline
+
+from runtime.config import ConfigError
+from runtime.logger import RunLogger
+from runtime.report import fp32_figures, quantized_run_metrics
 
 METHODS = ("fp32", "static", "qat", "kd_qat")
 
@@ -38,7 +40,7 @@ def calibration_loader(cfg: DictConfig) -> torch.utils.data.DataLoader:
 def quantize(
     method: str,
     cfg: DictConfig,
-    d: P.Data,
+    d: pipeline.Data,
     fp32_model: nn.Module,
     teacher: nn.Module,
     run_dir: Path,
@@ -60,7 +62,7 @@ def quantize(
         fp32_reference: FP32 figures measured earlier in this process, reused as the reference.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    if method in ("fp32", "static") and not D.is_main():
+    if method in ("fp32", "static") and not distributed.is_main():
         return None  # nothing to train: rank 0 measures alone
     if method == "fp32":
         return {"method": "fp32", "model": cfg.model.name, "width": cfg.model.width, "dataset": cfg.dataset.name,
@@ -73,18 +75,18 @@ def quantize(
         return quantized_run_metrics(cfg, d, method="static", prepared=prepared, fp32_model=fp32_model,
                                      run_dir=run_dir, fp32_reference=fp32_reference)
     if method not in ("qat", "kd_qat"):
-        raise P.ConfigError(f"method={method}: use one of {', '.join(METHODS)} or compare")
-    prepared = P.prepare_student(fp32_model, cfg, d).to(device)
+        raise ConfigError(f"method={method}: use one of {', '.join(METHODS)} or compare")
+    prepared = pipeline.prepare_student(fp32_model, cfg, d).to(device)
     schedule = qat.QuantSchedule.from_config(cfg.qat)
     alpha = cfg.distill.alpha if method == "kd_qat" else 0.0
     frozen = FrozenTeacher(copy.deepcopy(teacher).to(device)) if alpha > 0 else None
-    hooks = (schedule, ObserverSync()) if D.world_size() > 1 else (schedule,)
-    engine = P.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
+    hooks = (schedule, ObserverSync()) if distributed.world_size() > 1 else (schedule,)
+    engine = pipeline.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
                           phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
                           alpha=alpha, hooks=hooks, tag="fakequant")
     sync_observers(prepared)  # after the last step already; again here, so conversion never depends on it
-    D.check_ranks_agree(prepared, "prepared student")
-    if not D.is_main():
+    distributed.check_ranks_agree(prepared, "prepared student")
+    if not distributed.is_main():
         return None
     return quantized_run_metrics(cfg, d, method=method, prepared=prepared.cpu(), schedule=schedule,
                                  fp32_model=fp32_model, teacher=teacher if alpha > 0 else None, run_dir=run_dir,

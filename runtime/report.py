@@ -20,26 +20,26 @@ from models import atomic_write
 from qat import backend
 from qat.export import file_size_mb
 
-import _pipeline as P
-from _measure import random_clouds
+from runtime import pipeline
+from runtime.measure import random_clouds
 
 __all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table", "save_confusion_png"]
 
 
-def fp32_figures(model: nn.Module, cfg: DictConfig, d: P.Data) -> dict[str, Any]:
+def fp32_figures(model: nn.Module, cfg: DictConfig, d: pipeline.Data) -> dict[str, Any]:
     """OA / mAcc / size / latency of an FP32 model on CPU in eval mode."""
     model = model.cpu().eval()
-    result = P.evaluate(model, d)
+    result = pipeline.evaluate(model, d)
     return {
         "oa": result["oa"], "macc": result["macc"],
-        "size_mb": P.state_dict_size_mb(model),
-        "latency_ms": P.model_latency(model, cfg, d),
+        "size_mb": pipeline.state_dict_size_mb(model),
+        "latency_ms": pipeline.model_latency(model, cfg, d),
     }
 
 
 def quantized_run_metrics(
     cfg: DictConfig,
-    d: P.Data,
+    d: pipeline.Data,
     *,
     method: str,
     prepared: nn.Module,
@@ -64,12 +64,12 @@ def quantized_run_metrics(
                                "dataset": cfg.dataset.name, "seed": cfg.seed, "num_points": d.num_points}
     metrics["fp32"] = fp32_reference or fp32_figures(fp32_model, cfg, d)
     if teacher is not None:
-        metrics["teacher"] = P.evaluate(teacher.cpu().eval(), d) | {"model": cfg.teacher.model, "width": cfg.teacher.width}
+        metrics["teacher"] = pipeline.evaluate(teacher.cpu().eval(), d) | {"model": cfg.teacher.model, "width": cfg.teacher.width}
         metrics["teacher"].pop("per_class", None), metrics["teacher"].pop("confusion", None)
     if schedule is not None:  # the fake-quant student as it was validated during training
         prepared.eval()
         with schedule.evaluating(prepared):
-            fakequant = P.evaluate(prepared, d)
+            fakequant = pipeline.evaluate(prepared, d)
         metrics["fakequant"] = {"oa": fakequant["oa"], "macc": fakequant["macc"]}
     spec = qat.spec_from_config(cfg.qat)
     metrics["backend"] = spec.backend
@@ -89,12 +89,12 @@ def quantized_run_metrics(
     # PT2E compiles per batch size on first call: done here, on the shapes latency and evaluation use
     shapes = dict.fromkeys((1, cfg.train.eval_batch_size)) if is_pt2e else ()
     runner, compile_s = backend.inference_runner(reloaded, [_random_inputs(b, d) for b in shapes])
-    result = P.evaluate(runner, d)
+    result = pipeline.evaluate(runner, d)
     metrics.update({
         "oa": result["oa"], "macc": result["macc"], "per_class_acc": result["per_class"],
         "artifact": artifact.name,
         "size_mb": file_size_mb(artifact),
-        "latency_ms": P.model_latency(runner, cfg, d),
+        "latency_ms": pipeline.model_latency(runner, cfg, d),
         "compile_s": compile_s,
         "quantized_ops": qat.quantized_op_count(int8),
     })
@@ -109,7 +109,7 @@ def quantized_run_metrics(
     return metrics
 
 
-def _random_inputs(batch: int, d: P.Data) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_inputs(batch: int, d: pipeline.Data) -> tuple[torch.Tensor, torch.Tensor]:
     """Export / compile inputs for batch size `batch`, shaped like the test loader's batches."""
     return random_clouds(batch, d.num_points, d.in_channels, torch.Generator().manual_seed(batch))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,129 +26,16 @@ from torch.utils.data import DataLoader
 import data
 import qat
 from distill import (
-    DistillationLoss, Engine, EngineConfig, NonFiniteLossError, atomic_torch_save, predict,
+    DistillationLoss, Engine, EngineConfig, atomic_torch_save, predict,
     seed_everything,
 )
-from distill import distributed as D
-from models import CheckpointError, atomic_write, create_model, load_checkpoint
+from distill import distributed
+from models import atomic_write, create_model, load_checkpoint
 from models.neighbors import shared_neighborhoods
 
-from _logging import RunLogger, progress
-from _measure import latency_ms
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; raised before any training starts."""
-
-
-# Errors that mean "the user's input is wrong" (or a run that cannot go on, like a NaN loss):
-# the tools print them as one line and exit 1.
-USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError, NonFiniteLossError)
-
-# Ranges of numeric config values: key -> (integer?, lowest, highest, lowest excluded?, null allowed?).
-_RANGES: dict[str, tuple[bool, float, float, bool, bool]] = {
-    "seed": (True, 0, math.inf, False, False),
-    "train.epochs": (True, 0, math.inf, False, False),
-    "teacher.epochs": (True, 0, math.inf, False, False),
-    "train.batch_size": (True, 1, math.inf, False, False),
-    "train.eval_batch_size": (True, 1, math.inf, False, False),
-    "train.num_workers": (True, 0, math.inf, False, False),
-    "train.log_every": (True, 1, math.inf, False, False),
-    "model.width": (True, 1, math.inf, False, False),
-    "teacher.width": (True, 1, math.inf, False, False),
-    "dataset.num_points": (True, 1, math.inf, False, False),
-    "optim.lr": (False, 0, math.inf, True, False),
-    "optim.weight_decay": (False, 0, math.inf, False, False),
-    "optim.qat_lr_scale": (False, 0, math.inf, True, False),
-    "optim.max_grad_norm": (False, 0, math.inf, True, True),
-    "sched.warmup_epochs": (False, 0, math.inf, False, False),
-    "sched.warmup_lr_ratio": (False, 0, 1, False, False),
-    "sched.min_lr_ratio": (False, 0, 1, False, False),
-    "bench.threads": (True, 1, math.inf, False, False),
-    "bench.repeats": (True, 1, math.inf, False, False),
-}
-
-
-def _check_range(cfg: DictConfig, key: str, integer: bool, low: float, high: float, low_open: bool,
-                 nullable: bool) -> None:
-    value = OmegaConf.select(cfg, key, default=None)
-    if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
-        return  # null where allowed, or a key this tool's config does not have
-    kind = "an integer" if integer else "a number"
-    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r}: use {kind} {bounds}" + (" or null" if nullable else ""))
-    if value < low or (low_open and value == low) or value > high:
-        raise ConfigError(f"{key}={value!r} is out of range: use {kind} {bounds}")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Fails fast, with the key and the fix, on values that would only break hours later.
-
-    Also checks what the torchrun environment implies (the global batch must split evenly over
-    the processes), so a bad multi-process launch fails before any process trains.
-    """
-    if cfg.mode not in ("fp32", "qat", "kd_qat"):
-        raise ConfigError(f"mode={cfg.mode}: use fp32, qat or kd_qat (static PTQ: tools/quantize.py method=static)")
-    for key, rule in _RANGES.items():
-        _check_range(cfg, key, *rule)
-    if cfg.train.nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.nonfinite={cfg.train.nonfinite!r}: use stop or skip")
-    for key in ("resume", "train.sync_bn", "teacher.cache"):
-        value = OmegaConf.select(cfg, key, default=False)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: use true or false")
-    device = str(cfg.device)
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: no CUDA device is visible here; use device=auto or device=cpu")
-    try:
-        env = D.torchrun_env()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if cfg.train.batch_size % env.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over "
-                          f"the {env.world_size} torchrun processes; use a multiple of {env.world_size}")
-    if OmegaConf.select(cfg, "train.sync_bn", default=False) and env.world_size > 1 and pick_device(device).type != "cuda":
-        raise ConfigError("train.sync_bn=true needs CUDA (torch's SyncBatchNorm is GPU-only); "
-                          "on CPU leave it false (BN statistics are averaged over ranks each epoch)")
-    try:
-        DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, cfg.distill.label_smoothing)  # validates
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if cfg.mode != "fp32":
-        try:
-            qat.spec_from_config(cfg.qat)
-            qat.QuantSchedule.from_config(cfg.qat)
-        except (qat.SpecError, ValueError, FileNotFoundError) as err:
-            raise ConfigError(str(err)) from None
-    if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
-        raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_launch(cfg: DictConfig, run_dir_given: bool) -> None:
-    """torchrun with `--max-restarts`: a restarted worker resumes from `hydra.run.dir`, so it must be fixed.
-
-    The default run directory is a timestamp, which a restarted worker would compute anew and
-    so start from scratch in an empty directory.
-    """
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-    if restarts > 0 and not run_dir_given:
-        raise ConfigError(f"torchrun --max-restarts={restarts}: give hydra.run.dir=DIR (on a file system every node "
-                          "sees), so restarted workers find the checkpoints to resume from")
-
-
-def wants_resume(cfg: DictConfig) -> bool:
-    """`resume=true`, or a worker that torchrun restarted after a failure (it resumes by itself)."""
-    return bool(cfg.resume) or D.restart_count() > 0
+from runtime.config import ConfigError, wants_resume
+from runtime.logger import RunLogger, progress
+from runtime.measure import latency_ms
 
 
 @dataclass
@@ -197,14 +83,14 @@ def build_data(cfg: DictConfig) -> Data:
     test = data.build_dataset(cfg.dataset, "test")
     workers = cfg.train.num_workers
     test_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed)
-    rank, world = D.rank(), D.world_size()
+    rank, world = distributed.rank(), distributed.world_size()
     if world == 1:
         train_loader = data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed,
                                          drop_last=True)
         return Data(train, test, train_loader, test_loader)
-    train_loader = D.build_sharded_loader(train, cfg.train.batch_size, cfg.seed, rank, world, num_workers=workers)
+    train_loader = distributed.build_sharded_loader(train, cfg.train.batch_size, cfg.seed, rank, world, num_workers=workers)
     val_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed,
-                                   sampler=D.EvalShard(test, rank, world))
+                                   sampler=distributed.EvalShard(test, rank, world))
     return Data(train, test, train_loader, test_loader, val_loader)
 
 
@@ -257,7 +143,7 @@ def run_engine(
     """
     optimizer = make_optimizer(model, cfg, lr)
     trained: nn.Module = model
-    if D.world_size() > 1:
+    if distributed.world_size() > 1:
         if OmegaConf.select(cfg, "train.sync_bn", default=False):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces BN children in place
         # broadcast_buffers=False: BN statistics are averaged by the engine, observers by qat.distributed,
@@ -330,11 +216,11 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, d
     run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.optim.lr, phase="teacher", run_dir=run_dir,
                logger=logger, device=device, tag="fp32")
     model = model.cpu()
-    if D.is_main():  # every rank holds the same teacher; one writes it
+    if distributed.is_main():  # every rank holds the same teacher; one writes it
         atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, final)
         if cfg.teacher.cache:
             atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
-    D.barrier()
+    distributed.barrier()
     return model.eval(), "trained in this run"
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on construction (see `progress`)
 
-from distill import distributed as D
+from distill import distributed
 
 __all__ = ["RunLogger", "progress"]
 
@@ -30,7 +30,7 @@ def progress(iterable: Iterable, desc: str) -> Iterable:
     subclass) creates an extra iterator up front, so a run's order would depend on whether a
     bar is drawn, and torchrun ranks with and without a bar would shard different permutations.
     """
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if D.is_main() else True)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if distributed.is_main() else True)
 
 
 def _wandb_credentials_present() -> bool:
@@ -53,7 +53,7 @@ class RunLogger:
         self.run_dir = run_dir
         self.jsonl = run_dir / "log.jsonl"
         self.wandb_run = None
-        self.enabled = D.is_main()  # rank 0 speaks for the job
+        self.enabled = distributed.is_main()  # rank 0 speaks for the job
         if cfg.logger.name == "wandb" and self.enabled:
             self.wandb_run = self._start_wandb(cfg, job_type)
 

@@ -1,0 +1,133 @@
+"""Config validation: every value checked, with the key and the fix, before a run does anything.
+
+One home for what a tool refuses (`ConfigError`) and for which exceptions the tools report as
+one line (`USER_ERRORS`): bad config, data, checkpoint or spec, as opposed to a crash.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import data
+import qat
+from distill import DistillationLoss, NonFiniteLossError
+from distill import distributed
+from models import CheckpointError
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any training starts."""
+
+
+# Errors that mean "the user's input is wrong" (or a run that cannot go on, like a NaN loss):
+# the tools print them as one line and exit 1.
+USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError, NonFiniteLossError)
+
+# Ranges of numeric config values: key -> (integer?, lowest, highest, lowest excluded?, null allowed?).
+_RANGES: dict[str, tuple[bool, float, float, bool, bool]] = {
+    "seed": (True, 0, math.inf, False, False),
+    "train.epochs": (True, 0, math.inf, False, False),
+    "teacher.epochs": (True, 0, math.inf, False, False),
+    "train.batch_size": (True, 1, math.inf, False, False),
+    "train.eval_batch_size": (True, 1, math.inf, False, False),
+    "train.num_workers": (True, 0, math.inf, False, False),
+    "train.log_every": (True, 1, math.inf, False, False),
+    "model.width": (True, 1, math.inf, False, False),
+    "teacher.width": (True, 1, math.inf, False, False),
+    "dataset.num_points": (True, 1, math.inf, False, False),
+    "optim.lr": (False, 0, math.inf, True, False),
+    "optim.weight_decay": (False, 0, math.inf, False, False),
+    "optim.qat_lr_scale": (False, 0, math.inf, True, False),
+    "optim.max_grad_norm": (False, 0, math.inf, True, True),
+    "sched.warmup_epochs": (False, 0, math.inf, False, False),
+    "sched.warmup_lr_ratio": (False, 0, 1, False, False),
+    "sched.min_lr_ratio": (False, 0, 1, False, False),
+    "bench.threads": (True, 1, math.inf, False, False),
+    "bench.repeats": (True, 1, math.inf, False, False),
+}
+
+
+def _check_range(cfg: DictConfig, key: str, integer: bool, low: float, high: float, low_open: bool,
+                 nullable: bool) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
+        return  # null where allowed, or a key this tool's config does not have
+    kind = "an integer" if integer else "a number"
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: use {kind} {bounds}" + (" or null" if nullable else ""))
+    if value < low or (low_open and value == low) or value > high:
+        raise ConfigError(f"{key}={value!r} is out of range: use {kind} {bounds}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fails fast, with the key and the fix, on values that would only break hours later.
+
+    Also checks what the torchrun environment implies (the global batch must split evenly over
+    the processes), so a bad multi-process launch fails before any process trains.
+    """
+    if cfg.mode not in ("fp32", "qat", "kd_qat"):
+        raise ConfigError(f"mode={cfg.mode}: use fp32, qat or kd_qat (static PTQ: tools/quantize.py method=static)")
+    for key, rule in _RANGES.items():
+        _check_range(cfg, key, *rule)
+    if cfg.train.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={cfg.train.nonfinite!r}: use stop or skip")
+    for key in ("resume", "train.sync_bn", "teacher.cache"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: use true or false")
+    device = str(cfg.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: no CUDA device is visible here; use device=auto or device=cpu")
+    try:
+        env = distributed.torchrun_env()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.train.batch_size % env.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over "
+                          f"the {env.world_size} torchrun processes; use a multiple of {env.world_size}")
+    if OmegaConf.select(cfg, "train.sync_bn", default=False) and env.world_size > 1 and pick_device(device).type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA (torch's SyncBatchNorm is GPU-only); "
+                          "on CPU leave it false (BN statistics are averaged over ranks each epoch)")
+    try:
+        DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, cfg.distill.label_smoothing)  # validates
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.mode != "fp32":
+        try:
+            qat.spec_from_config(cfg.qat)
+            qat.QuantSchedule.from_config(cfg.qat)
+        except (qat.SpecError, ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
+    if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
+        raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_launch(cfg: DictConfig, run_dir_given: bool) -> None:
+    """torchrun with `--max-restarts`: a restarted worker resumes from `hydra.run.dir`, so it must be fixed.
+
+    The default run directory is a timestamp, which a restarted worker would compute anew and
+    so start from scratch in an empty directory.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and not run_dir_given:
+        raise ConfigError(f"torchrun --max-restarts={restarts}: give hydra.run.dir=DIR (on a file system every node "
+                          "sees), so restarted workers find the checkpoints to resume from")
+
+
+def wants_resume(cfg: DictConfig) -> bool:
+    """`resume=true`, or a worker that torchrun restarted after a failure (it resumes by itself)."""
+    return bool(cfg.resume) or distributed.restart_count() > 0
