@@ -42,6 +42,31 @@ def _wandb_credentials_present() -> bool:
         return False
 
 
+# What one epoch's console line shows, in order: (metric name without the phase prefix, label, format).
+# Everything else (task/KD loss split, mAcc, observer and BN state, skipped steps) stays in
+# log.jsonl and W&B.
+_EPOCH_FIELDS = (
+    ("train/loss_epoch", "loss", "{:.3f}"),
+    ("val/oa_fp32", "val OA", "{:.2f}%"),
+    ("val/oa_fakequant", "val OA", "{:.2f}%"),
+    ("train/lr", "lr", "{:.2e}"),
+    ("qat/fake_quant_fraction", "fake-quant", "{:.0%}"),
+)
+
+
+def epoch_line(metrics: dict[str, Any]) -> str | None:
+    """One short line for an end-of-epoch record (`teacher epoch 3: loss 2.687, val OA 17.71%, ...`),
+    None for any other record. A phase prefix (`teacher/`) names the phase; none means the student."""
+    epoch_key = next((key for key in metrics if key == "epoch" or key.endswith("/epoch")), None)
+    if epoch_key is None:
+        return None
+    phase = epoch_key[: -len("/epoch")] if "/" in epoch_key else "student"
+    prefix = "" if phase == "student" else f"{phase}/"
+    shown = [f"{label} {fmt.format(metrics[prefix + key])}" for key, label, fmt in _EPOCH_FIELDS
+             if isinstance(metrics.get(prefix + key), (int, float))]
+    return f"{phase} epoch {int(metrics[epoch_key]) + 1}: " + ", ".join(shown)
+
+
 class RunLogger:
     """Console + `log.jsonl` always; W&B when `logger=wandb`.
 
@@ -97,9 +122,9 @@ class RunLogger:
         if self.wandb_run is not None:
             # W&B's own step must only grow, while each phase restarts its optimizer step.
             self.wandb_run.log(metrics if step is None else {**metrics, "trainer/step": step})
-        if any("val/" in key or "test/" in key or key.endswith("epoch") for key in metrics):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            self.console(f"[step {step}] {shown}" if step is not None else shown)
+        line = epoch_line(metrics)
+        if line:
+            self.console(line)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.wandb_run is not None:
