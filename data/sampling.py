@@ -4,7 +4,7 @@ OpenPoints evaluates ScanObjectNN on 1024 points chosen once per cloud by furthe
 sampling (`uniform_sample=True`, cached as a pickle next to the data). This module does the
 same on the CPU, batched over clouds, and caches the result as an .npz beside the source file
 (about a minute for the 2882 test clouds on 2 cores, then instant). It is a data-preparation
-step, not a model op: the model's own FPS (an FX leaf) lives in `models/neighbors.py`.
+step, but it uses the model's own FPS (`models/neighbors.py`), so both break ties alike.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import atomic_write
+from models import atomic_write, neighbors
 
 __all__ = ["cached_furthest_point_sample", "furthest_point_sample"]
 
@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def furthest_point_sample(points: np.ndarray, num_samples: int, chunk: int = 512) -> np.ndarray:
-    """Pick `num_samples` points per cloud by furthest point sampling.
+    """Pick `num_samples` points per cloud with the model's own farthest point sampling.
 
-    Semantics of the pointnet2 CUDA kernel `furthest_point_sample`: start at index 0, then
-    repeatedly take the point whose squared distance to the chosen set is largest (first index
-    on ties). The first k of the result are therefore the FPS-k subset, so slicing the output
-    to fewer points stays "uniform".
+    One FPS serves the model and the data (`models.neighbors.furthest_point_sample`, the pointnet2
+    CUDA kernel's semantics: start at index 0, then the point farthest from the chosen set, exact
+    ties as the kernel breaks them). The first k of the result are the FPS-k subset, so slicing
+    the output to fewer points stays "uniform".
 
     Args:
         points: float32 (S, P, 3).
@@ -40,23 +40,14 @@ def furthest_point_sample(points: np.ndarray, num_samples: int, chunk: int = 512
     """
     out = []
     for start in range(0, len(points), chunk):
-        xyz = torch.from_numpy(np.ascontiguousarray(points[start:start + chunk]))  # (B, P, 3)
-        b, p, _ = xyz.shape
-        idx = torch.zeros(b, num_samples, dtype=torch.long)
-        dist = torch.full((b, p), float("inf"))
-        last = torch.zeros(b, dtype=torch.long)
-        rows = torch.arange(b)
-        for i in range(1, num_samples):
-            d = ((xyz - xyz[rows, last].unsqueeze(1)) ** 2).sum(-1)  # (B, P), as the kernel: no |x|^2 expansion
-            torch.minimum(dist, d, out=dist)
-            last = dist.argmax(dim=1)
-            idx[:, i] = last
+        xyz = torch.from_numpy(np.ascontiguousarray(points[start:start + chunk], dtype=np.float32))  # (B, P, 3)
+        idx = neighbors.furthest_point_sample(xyz, num_samples)  # (B, num_samples)
         out.append(torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, 3)).numpy())
     return np.concatenate(out) if out else np.zeros((0, num_samples, 3), np.float32)
 
 
 def cached_furthest_point_sample(points: np.ndarray, num_samples: int, source: str | Path) -> np.ndarray:
-    """`furthest_point_sample`, cached in `<source stem>_<num_samples>_fps.npz` beside `source`.
+    """`furthest_point_sample`, cached in `<source stem>_<num_samples>_fps2.npz` beside `source`.
 
     The cache records the source file's size and modification time and is ignored when they
     no longer match. It is written atomically (temp file, then rename); a read-only data
@@ -68,7 +59,7 @@ def cached_furthest_point_sample(points: np.ndarray, num_samples: int, source: s
         source: The h5 file the points came from.
     """
     source = Path(source)
-    cache = source.with_name(f"{source.stem}_{num_samples}_fps.npz")
+    cache = source.with_name(f"{source.stem}_{num_samples}_fps2.npz")  # fps2: the model's tie order
     stat = source.stat()
     stamp = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
     try:

@@ -138,7 +138,7 @@ def test_scanobjectnn_train_uses_random_subsets_of_all_points(tmp_path):
 def test_scanobjectnn_fps_subsets_are_cached_beside_the_file_and_refreshed_when_it_changes(tmp_path):
     d = write_scanobjectnn(tmp_path)
     first = build_dataset(sonn_cfg(d), "test").points
-    cache = d / "test_objectdataset_augmentedrot_scale75_48_fps.npz"
+    cache = d / "test_objectdataset_augmentedrot_scale75_48_fps2.npz"
     assert cache.is_file()
     np.testing.assert_array_equal(build_dataset(sonn_cfg(d), "test").points, first)
     with h5py.File(d / "test_objectdataset_augmentedrot_scale75.h5", "r+") as f:

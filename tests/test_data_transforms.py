@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data.sampling import furthest_point_sample
+from models import neighbors
 from data.transforms import (AugmentConfig, Jitter, PointPipeline, RotateUp, ScaleAndTranslate, build_transforms,
                              center_and_normalize, height, resample)
 
@@ -103,6 +104,14 @@ def test_resample_first_permutes_the_first_points_random_draws_from_all():
     assert drawn.max() >= 10 and all(len(set(resample(100, 10, "random", gen).tolist())) == 10 for _ in range(5))
 
 
+def test_data_fps_is_the_model_fps():
+    pts = np.random.default_rng(1).normal(size=(2, 40, 3)).astype(np.float32)
+    pts[:, 20:] = pts[:, :20]  # duplicated points: exact distance ties, broken as the kernel does
+    idx = neighbors.furthest_point_sample(torch.from_numpy(pts), 12)
+    expected = np.take_along_axis(pts, idx.numpy()[..., None], axis=1)
+    np.testing.assert_array_equal(furthest_point_sample(pts, 12, chunk=1), expected)
+
+
 def test_furthest_point_sample_matches_a_brute_force_reference():
     pts = np.random.default_rng(0).normal(size=(3, 50, 3)).astype(np.float32)
     out = furthest_point_sample(pts, 8, chunk=2)
@@ -122,7 +131,7 @@ def test_fps_cache_is_written_once_reused_and_invalidated_by_a_changed_source(tm
     points = np.random.default_rng(0).random((3, 64, 3), dtype=np.float32)
     first = sampling.cached_furthest_point_sample(points, 16, source)
     assert first.shape == (3, 16, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ply_data_train0.h5", "ply_data_train0_16_fps.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ply_data_train0.h5", "ply_data_train0_16_fps2.npz"]
     calls = []
     monkeypatch.setattr(sampling, "furthest_point_sample", lambda *a: calls.append(a) or first)
     assert np.array_equal(sampling.cached_furthest_point_sample(points, 16, source), first) and calls == []
