@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Protocol, cast
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ from . import export, fx, pt2e
 from .spec import PT2E_BACKENDS, QConfigSpec
 
 __all__ = [
+    "QuantBackend",
     "for_spec",
     "for_model",
     "prepare_qat",
@@ -51,6 +52,49 @@ __all__ = [
     "inference_runner",
 ]
 
+class QuantBackend(Protocol):
+    """What a quantization backend provides: `qat/fx.py` and `qat/pt2e.py` are modules of this shape.
+
+    The engine, the schedule and the tools hold a backend only through this interface (or the
+    forwarding functions below), so a third backend is one more module with these functions and
+    one more line in `for_spec` / `for_model`. `tests/test_qat_backend.py` checks both modules
+    against it, signature by signature.
+    """
+
+    def prepare_qat(self, model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> nn.Module:
+        """A float model → the same model with fake quantization, ready to train."""
+
+    def prepare_ptq(self, model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> nn.Module:
+        """A float model (eval) → the same model with observers, ready to calibrate."""
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        """A prepared (trained or calibrated) model → the int8 model."""
+
+    def fake_quant_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every fake quant, in graph order: what the schedule switches."""
+
+    def fake_quant_owners(self, model: nn.Module) -> list[str]:
+        """The float-model module each fake quant belongs to (for stage-by-stage enabling)."""
+
+    def observers_disabled(self, model: nn.Module) -> ContextManager[None]:
+        """A block in which observers do not move (validation during QAT)."""
+
+    def freeze_bn_stats(self, model: nn.Module) -> None:
+        """BN running statistics stop updating (late-QAT recipe)."""
+
+    def unfreeze_bn_stats(self, model: nn.Module) -> None:
+        """BN running statistics update again."""
+
+    def bn_frozen(self, model: nn.Module) -> bool | None:
+        """Whether BN statistics are frozen (None: the model has no BN left)."""
+
+    def quantized_op_count(self, int8_model: nn.Module) -> dict[str, int]:
+        """Quantized vs float weighted layers of a converted model."""
+
+    def float_op_names(self, int8_model: nn.Module) -> list[str]:
+        """Weighted layers a converted model still runs in float."""
+
+
 # Artifact file suffix per backend module; `load_int8` reads the format from the suffix.
 ARTIFACT_SUFFIXES = {"fx": ".pt", "pt2e": ".pt2"}
 
@@ -60,14 +104,14 @@ set_fake_quant = fx.set_fake_quant
 set_observer = fx.set_observer
 
 
-def for_spec(spec: QConfigSpec) -> ModuleType:
-    """The backend module that prepares models for `spec`."""
-    return pt2e if spec.backend in PT2E_BACKENDS else fx
+def for_spec(spec: QConfigSpec) -> QuantBackend:
+    """The backend that prepares models for `spec`."""
+    return cast(QuantBackend, pt2e if spec.backend in PT2E_BACKENDS else fx)
 
 
-def for_model(model: nn.Module) -> ModuleType:
-    """The backend module that prepared or converted `model`."""
-    return pt2e if pt2e.is_pt2e_model(model) else fx
+def for_model(model: nn.Module) -> QuantBackend:
+    """The backend that prepared or converted `model`."""
+    return cast(QuantBackend, pt2e if pt2e.is_pt2e_model(model) else fx)
 
 
 def prepare_qat(model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> nn.Module:
@@ -115,8 +159,8 @@ def float_op_names(int8_model: nn.Module) -> list[str]:
 
 
 # ---- the int8 artifact ------------------------------------------------------------------------
-def _suffix(module: ModuleType) -> str:
-    return ARTIFACT_SUFFIXES[module.__name__.rsplit(".", 1)[-1]]
+def _suffix(module: QuantBackend | ModuleType) -> str:
+    return ARTIFACT_SUFFIXES[module.__name__.rsplit(".", 1)[-1]]  # type: ignore[union-attr]
 
 
 def artifact_name(int8_model: nn.Module, stem: str = "model_int8") -> str:
