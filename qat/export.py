@@ -28,7 +28,10 @@ import torch.nn as nn
 
 from models import atomic_write
 
-__all__ = ["export_int8", "load_int8", "read_sidecar", "write_sidecar", "sidecar_path", "file_size_mb"]
+from .spec import QConfigSpec
+
+__all__ = ["export_int8", "load_int8", "read_sidecar", "write_sidecar", "sidecar_path", "file_size_mb",
+           "packed_size_mb"]
 
 
 @contextlib.contextmanager
@@ -109,3 +112,44 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
 def file_size_mb(path: str | Path) -> float:
     """Size on disk in MB (10^6 bytes), the unit of every size this project reports."""
     return os.path.getsize(path) / 1e6
+
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FLOAT_BITS = 32  # an FP32 value; also a scale (float32) or an activation zero point counted as 32 bits
+
+
+def packed_size_mb(model: nn.Module, spec: QConfigSpec | None) -> float:
+    """Size in MB (10^6 bytes) of the model's numbers stored at their bit widths, with no container.
+
+    The artifact's bytes (`file_size_mb`) cannot show sub-8-bit savings: fbgemm keeps every
+    weight in an int8 byte, whatever its grid. This is the size a bit-packed deployment would
+    take, the x-axis of the mixed-precision search and of the bits table; the one place it is
+    computed. Per conv/linear layer of the float `model`, as `spec.resolve` says:
+
+    * quantized: weight_bits × |W|, plus one FP32 scale per output channel (per_channel) or one
+      (per_tensor) (weights are symmetric: zero points are 0 and not stored), plus the bias in
+      FP32 (C_out values; a BatchNorm after the layer folds into it), plus the output
+      activation's scale and zero point (2 × 32 bits);
+    * FP32 (`keep_fp32`, or `spec` None): 32 × (|W| + C_out).
+
+    Every BatchNorm is counted as folded into the layer before it (true of every PointNeXt
+    BatchNorm), and any other parameter as FP32.
+    """
+    bits = 0
+    counted: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCHNORMS):
+            counted.update(id(p) for p in module.parameters(recurse=False))
+        if not isinstance(module, _WEIGHTED):
+            continue
+        counted.update(id(p) for p in module.parameters(recurse=False))
+        weight, out_channels = module.weight, module.weight.shape[0]
+        choice = spec.resolve(name, type(module).__name__) if spec is not None else None
+        if choice is None:
+            bits += _FLOAT_BITS * (weight.numel() + out_channels)
+            continue
+        scales = out_channels if choice.weight == "per_channel" else 1
+        bits += choice.weight_bits * weight.numel() + _FLOAT_BITS * (scales + out_channels + 2)
+    bits += _FLOAT_BITS * sum(p.numel() for p in model.parameters() if id(p) not in counted)
+    return bits / 8 / 1e6

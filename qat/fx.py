@@ -28,6 +28,19 @@ Numerics chosen here, and why (measured with torch 2.14.1):
 With these, the int8 model reproduces the fake-quant logits exactly as long as activations
 stay inside their observed ranges (tests/test_qat_fx.py). Beyond them the fake quant clips at
 the 7-bit maximum while the int8 model keeps values up to 255: the two then differ.
+
+Sub-8-bit layers (`weight_bits`, `activation_bits` of the spec) run on the same int8 kernels,
+with observers and fake quants built on the restricted integer ranges of `qat/spec.py`
+(`weight_range`: 4-bit weights in [-7, 7]; `activation_range`: 4-bit activations in [0, 15]).
+Weights stay on their grid in the int8 model: the observer's scale is max|w| / 7 and `convert`
+clips every weight to ±7 steps first, so at most 15 integer values per channel. Activations stay
+on their grid wherever they fall inside the calibrated (QAT: frozen) range, which is where the
+scale and zero point came from. Where they do not, the difference named above applies at any
+bit width and grows with fewer bits: fbgemm's quantize and requantize saturate at the quint8
+limits 0 and 255, not at `quant_max`, so an activation beyond its range keeps up to 255 - zp steps
+in the int8 model where the fake quant clips it at 2^b - 1 - zp (tests/test_qat_fx.py measures
+both regimes). Clamping after every int8 op would close the gap at the cost of an extra
+elementwise pass per layer; the calibrated range covers the data in the evaluated regime.
 """
 from __future__ import annotations
 
@@ -70,7 +83,7 @@ from torch.fx import GraphModule
 
 from models import neighbors
 
-from .spec import LayerChoice, QConfigSpec, SpecError
+from .spec import LayerChoice, QConfigSpec, SpecError, activation_range, weight_range
 
 __all__ = [
     "build_qconfig_mapping",
@@ -122,10 +135,11 @@ def _fx_warnings_silenced() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _activation(observer: str, reduce_range: bool, qat: bool) -> Any:
-    """Constructor of the activation observer (PTQ) or fake quant (QAT), quint8 affine."""
+def _activation(observer: str, bits: int, reduce_range: bool, qat: bool) -> Any:
+    """Constructor of the activation observer (PTQ) or fake quant (QAT), quint8 affine on `activation_range`."""
     obs = _OBSERVER_CLASSES[observer]
-    qrange = dict(quant_min=0, quant_max=127 if reduce_range else 255, dtype=torch.quint8)
+    quant_min, quant_max = activation_range(bits, reduce_range)
+    qrange = dict(quant_min=quant_min, quant_max=quant_max, dtype=torch.quint8)
     if not qat:
         return obs.with_args(**qrange)
     if observer == "moving_average_minmax":  # the fused kernel exists only for this observer
@@ -133,10 +147,11 @@ def _activation(observer: str, reduce_range: bool, qat: bool) -> Any:
     return FakeQuantize.with_args(observer=obs, **qrange)
 
 
-def _weight(scheme: str, qat: bool) -> Any:
-    """Constructor of the weight observer (PTQ) or fake quant (QAT), qint8 symmetric in [-127, 127]."""
+def _weight(scheme: str, bits: int, qat: bool) -> Any:
+    """Constructor of the weight observer (PTQ) or fake quant (QAT), qint8 symmetric on `weight_range` ([-127, 127] at 8 bits)."""
     per_channel = scheme == "per_channel"
-    args = dict(quant_min=-127, quant_max=127, dtype=torch.qint8)
+    quant_min, quant_max = weight_range(bits)
+    args = dict(quant_min=quant_min, quant_max=quant_max, dtype=torch.qint8)
     if per_channel:
         args.update(qscheme=torch.per_channel_symmetric, ch_axis=0)
     else:
@@ -151,8 +166,9 @@ def _weight(scheme: str, qat: bool) -> Any:
 def _qconfig(spec: QConfigSpec, choice: LayerChoice | None, qat: bool) -> QConfig:
     choice = choice or LayerChoice()
     return QConfig(
-        activation=_activation(choice.activation_observer or spec.activation_observer, spec.reduce_range, qat),
-        weight=_weight(choice.weight or spec.weight, qat),
+        activation=_activation(choice.activation_observer or spec.activation_observer,
+                               choice.activation_bits or spec.activation_bits, spec.reduce_range, qat),
+        weight=_weight(choice.weight or spec.weight, choice.weight_bits or spec.weight_bits, qat),
     )
 
 

@@ -13,8 +13,11 @@ The file format is the dict of `QConfigSpec.to_dict()`, e.g.::
     activation_observer: moving_average_minmax
     reduce_range: true
     keep_fp32: [encoder.encoder.0.0.convs.0]
+    weight_bits: 8
+    activation_bits: 8
     module_overrides:
       prediction.head.4.0: {weight: per_tensor, activation_observer: histogram}
+      encoder.encoder.1.0.convs.0: {weight_bits: 4}
     type_overrides:
       Linear: {activation_observer: minmax}
 """
@@ -38,6 +41,9 @@ __all__ = [
     "WEIGHT_SCHEMES",
     "ACTIVATION_OBSERVERS",
     "OVERRIDE_TYPES",
+    "BITS",
+    "weight_range",
+    "activation_range",
     "LayerChoice",
     "QConfigSpec",
     "SpecError",
@@ -64,6 +70,30 @@ ACTIVATION_OBSERVERS = ("moving_average_minmax", "minmax", "histogram")
 # Module classes (by `torch.nn` name) that `type_overrides` may name. Only weighted layers:
 # they are the units the per-layer search chooses for.
 OVERRIDE_TYPES = ("Conv1d", "Conv2d", "Linear")
+# Bit widths a weight or activation may take. Every width runs on the int8 kernels, with its
+# values restricted to a sub-grid of int8 (see `weight_range` / `activation_range`).
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def weight_range(bits: int) -> tuple[int, int]:
+    """Integer range of `bits`-bit weights: symmetric and restricted, [-(2^(b-1) - 1), 2^(b-1) - 1].
+
+    Restricted (no -2^(b-1)) so that zero sits exactly in the middle and a symmetric scale
+    max|w| / (2^(b-1) - 1) maps the largest weight onto the grid's end: 8 bits gives today's
+    [-127, 127] (see qat/fx.py for why not -128), 4 bits [-7, 7] (15 values), 2 bits [-1, 1].
+    """
+    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+
+
+def activation_range(bits: int, reduce_range: bool) -> tuple[int, int]:
+    """Integer range of `bits`-bit activations (affine, quint8 storage): [0, 2^b - 1].
+
+    `reduce_range` concerns 8-bit activations only (fbgemm's int16-overflow guard, 0..127):
+    below 8 bits the products are already far from overflowing.
+    """
+    if bits == 8 and reduce_range:
+        return 0, 127
+    return 0, 2 ** bits - 1
 
 
 class SpecError(ValueError):
@@ -73,6 +103,11 @@ class SpecError(ValueError):
 def _choice(value: Any, allowed: Sequence[str], where: str) -> None:
     if value not in allowed:
         raise SpecError(f"{where}={value!r} is not allowed: use one of {', '.join(map(repr, allowed))}")
+
+
+def _bits(value: Any, where: str) -> None:
+    if isinstance(value, bool) or value not in BITS:
+        raise SpecError(f"{where}={value!r} is not a supported bit width: use an integer from {BITS[0]} to {BITS[-1]}")
 
 
 def _module_name(name: Any, where: str) -> None:
@@ -89,19 +124,27 @@ class LayerChoice:
     Attributes:
         weight: 'per_channel' or 'per_tensor'.
         activation_observer: One of `ACTIVATION_OBSERVERS`, for the module's output.
+        weight_bits: Bits of the module's weights (`BITS`).
+        activation_bits: Bits of the module's output activation (`BITS`).
     """
 
     weight: str | None = None
     activation_observer: str | None = None
+    weight_bits: int | None = None
+    activation_bits: int | None = None
 
     def validate(self, where: str) -> None:
-        """Raises `SpecError` naming `where` (the override's key) if a value is unknown or both are unset."""
-        if self.weight is None and self.activation_observer is None:
-            raise SpecError(f"{where}: empty override; set weight and/or activation_observer, or remove the entry")
+        """Raises `SpecError` naming `where` (the override's key) if a value is unknown or all are unset."""
+        if all(value is None for value in dataclasses.astuple(self)):
+            raise SpecError(f"{where}: empty override; set weight, activation_observer, weight_bits and/or "
+                            "activation_bits, or remove the entry")
         if self.weight is not None:
             _choice(self.weight, WEIGHT_SCHEMES, f"{where}.weight")
         if self.activation_observer is not None:
             _choice(self.activation_observer, ACTIVATION_OBSERVERS, f"{where}.activation_observer")
+        for name in ("weight_bits", "activation_bits"):
+            if getattr(self, name) is not None:
+                _bits(getattr(self, name), f"{where}.{name}")
 
     def to_dict(self) -> dict[str, str]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -114,7 +157,8 @@ class LayerChoice:
             raise SpecError(f"{where}: expected a mapping like {{weight: per_tensor}}, got {data!r}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise SpecError(f"{where}: unknown key(s) {unknown}; allowed: weight, activation_observer")
+            raise SpecError(f"{where}: unknown key(s) {unknown}; allowed: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**data)
 
 
@@ -142,6 +186,13 @@ class QConfigSpec:
             inside the calibrated ranges: int8 tensors are quint8, so a value beyond its
             observed maximum reaches up to 255 in the int8 model (the fake quant clips it at
             127). Turn off only for deployment on VNNI CPUs, for one more bit of precision.
+        weight_bits: Global bits of the weights (`BITS`; 8 is today's int8). Symmetric, restricted
+            grid `weight_range(bits)`: 4 bits are the integers -7..7, held in int8 storage and run
+            on the int8 kernels.
+        activation_bits: Global bits of the activations (`BITS`): affine, integers
+            `activation_range(bits, reduce_range)` = 0..2^b - 1 (0..127 at 8 bits with
+            reduce_range). Below 8 bits the int8 model matches the fake quant only inside the
+            calibrated ranges: see qat/fx.py.
         keep_fp32: Module names left in floating point (with every submodule), e.g.
             'encoder.encoder.0.0.convs.0'. Names are those of the float model.
         module_overrides: Per module name, what differs from the globals.
@@ -152,6 +203,8 @@ class QConfigSpec:
     weight: str = "per_channel"
     activation_observer: str = "moving_average_minmax"
     reduce_range: bool = True
+    weight_bits: int = 8
+    activation_bits: int = 8
     keep_fp32: list[str] = field(default_factory=list)
     module_overrides: dict[str, LayerChoice] = field(default_factory=dict)
     type_overrides: dict[str, LayerChoice] = field(default_factory=dict)
@@ -164,6 +217,8 @@ class QConfigSpec:
         _choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
         if not isinstance(self.reduce_range, bool):
             raise SpecError(f"reduce_range={self.reduce_range!r}: use true or false")
+        _bits(self.weight_bits, "weight_bits")
+        _bits(self.activation_bits, "activation_bits")
         if isinstance(self.keep_fp32, str) or not isinstance(self.keep_fp32, Sequence):
             raise SpecError(f"keep_fp32={self.keep_fp32!r}: use a list of module names, e.g. [encoder.encoder.0.0]")
         self.keep_fp32 = list(self.keep_fp32)
@@ -190,7 +245,17 @@ class QConfigSpec:
         Per-tensor weights: `X86InductorQuantizer` annotates them, but Inductor's x86 int8
         lowering matches only per-channel weights, so such layers would run dequantize + float
         (measured: no int8 convolution left after compilation).
+        Bits other than 8: not implemented for PT2E (its quantizer has no sub-8-bit ranges wired
+        here); the FX backends run them on the int8 kernels.
         """
+        bits = [("weight_bits", self.weight_bits), ("activation_bits", self.activation_bits)]
+        for kind, overrides in (("module_overrides", self.module_overrides), ("type_overrides", self.type_overrides)):
+            for key, choice in overrides.items():
+                bits += [(f"{kind}[{key!r}].{name}", getattr(choice, name)) for name in ("weight_bits", "activation_bits")]
+        for where, value in bits:
+            if value is not None and value != 8:
+                raise SpecError(f"{where}={value} cannot be expressed with backend {self.backend}: the PT2E backend "
+                                "quantizes to 8 bits only; use 8, or backend fbgemm for sub-8-bit layers")
         choices = [("weight", self.weight)]
         choices += [(f"module_overrides[{k!r}].weight", c.weight) for k, c in self.module_overrides.items()]
         choices += [(f"type_overrides[{k!r}].weight", c.weight) for k, c in self.type_overrides.items()]
@@ -204,11 +269,31 @@ class QConfigSpec:
     @staticmethod
     def _overrides(value: Any, where: str) -> dict[str, LayerChoice]:
         if not isinstance(value, Mapping):
-            raise SpecError(f"{where}={value!r}: use a mapping from name to {{weight: ..., activation_observer: ...}}")
+            raise SpecError(f"{where}={value!r}: use a mapping from name to {{weight: ..., weight_bits: ..., ...}}")
         out = {key: LayerChoice.from_dict(choice, f"{where}[{key!r}]") for key, choice in value.items()}
         for key, choice in out.items():
             choice.validate(f"{where}[{key!r}]")
         return out
+
+    def resolve(self, name: str, type_name: str) -> LayerChoice | None:
+        """The effective choice (every field set) for the module `name` of class `type_name`; None if FP32.
+
+        The same precedence as `qat.fx.build_qconfig_mapping`: the longest covering name among
+        `keep_fp32` and `module_overrides`, then `type_overrides`, then the globals. Used where a
+        question about one layer needs no backend (packed size, the search's budget).
+        """
+        covering = [n for n in [*self.keep_fp32, *self.module_overrides] if name == n or name.startswith(n + ".")]
+        if covering:
+            longest = max(covering, key=len)
+            if longest in self.keep_fp32:
+                return None
+            choice = self.module_overrides[longest]
+        else:
+            choice = self.type_overrides.get(type_name, LayerChoice())
+        return LayerChoice(**{
+            f.name: getattr(self, f.name) if getattr(choice, f.name) is None else getattr(choice, f.name)
+            for f in dataclasses.fields(LayerChoice)
+        })
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (str, bool, list, dict), in field order: what `save_spec` writes."""
@@ -217,6 +302,8 @@ class QConfigSpec:
             "weight": self.weight,
             "activation_observer": self.activation_observer,
             "reduce_range": self.reduce_range,
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
             "keep_fp32": list(self.keep_fp32),
             "module_overrides": {k: v.to_dict() for k, v in self.module_overrides.items()},
             "type_overrides": {k: v.to_dict() for k, v in self.type_overrides.items()},

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 import qat
 from models import atomic_write
 from qat import backend
-from qat.export import file_size_mb
+from qat.export import file_size_mb, packed_size_mb
 
 from runtime import pipeline
 from runtime.measure import random_clouds
@@ -33,6 +33,7 @@ def fp32_figures(model: nn.Module, cfg: DictConfig, d: pipeline.Data) -> dict[st
     return {
         "oa": result["oa"], "macc": result["macc"],
         "size_mb": pipeline.state_dict_size_mb(model),
+        "size_mb_packed": packed_size_mb(model, None),
         "latency_ms": pipeline.model_latency(model, cfg, d),
     }
 
@@ -94,6 +95,7 @@ def quantized_run_metrics(
         "oa": result["oa"], "macc": result["macc"], "per_class_acc": result["per_class"],
         "artifact": artifact.name,
         "size_mb": file_size_mb(artifact),
+        "size_mb_packed": packed_size_mb(fp32_model, spec),  # bits × parameters + qparams (qat/export.py)
         "latency_ms": pipeline.model_latency(runner, cfg, d),
         "compile_s": compile_s,
         "quantized_ops": qat.quantized_op_count(int8),

@@ -18,8 +18,8 @@ from models import atomic_write
 
 __all__ = [
     "Column", "Record", "Cell", "MAIN_COLUMNS", "QAT_COLUMNS", "figures_from_metrics", "figures_from_wandb",
-    "read_run_dir", "aggregate", "format_cell", "table_markdown", "table_csv", "grid_markdown", "epoch_curves",
-    "plot_pareto", "plot_curves", "plot_heatmap", "read_json", "MISSING", "STATUS_FILE",
+    "read_run_dir", "aggregate", "format_cell", "Delta", "paired_delta", "format_delta", "delta_cells", "table_markdown", "table_csv", "grid_markdown", "epoch_curves",
+    "BITS_COLUMNS", "plot_pareto", "plot_curves", "plot_heatmap", "read_json", "MISSING", "STATUS_FILE",
 ]
 
 MISSING = "—"
@@ -43,6 +43,7 @@ def figures_from_metrics(m: dict[str, Any]) -> dict[str, float]:
     lat, ref_lat = m.get("latency_ms") or {}, ref.get("latency_ms") or {}
     batch = _eval_batch_key(lat)
     out: dict[str, float] = {"oa": m.get("oa"), "macc": m.get("macc"), "size_mb": m.get("size_mb"),
+                             "size_mb_packed": m.get("size_mb_packed"),
                              "ms_b1": lat.get("batch_1"), "ms_bB": lat.get(batch) if batch else None,
                              "threads": lat.get("threads"), "eval_batch": int(batch.split("_")[1]) if batch else None,
                              "num_points": m.get("num_points"), "fq_oa": (m.get("fakequant") or {}).get("oa")}
@@ -163,6 +164,72 @@ def format_cell(cell: Cell, fmt: str = "{:.2f}") -> str:
     return text + (f" (n={cell.n}/{cell.expected})" if cell.n < cell.expected else "")
 
 
+# ---- paired differences over seeds ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Delta:
+    mean: float | None
+    low: float | None    # 95 % confidence interval of the mean paired difference; None below two pairs
+    high: float | None
+    n: int               # seeds where both runs finished
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes zero."""
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+
+def paired_delta(values: Sequence[float | None], reference: Sequence[float | None], level: float = 0.95) -> Delta:
+    """Mean of the per-seed differences `values[s] - reference[s]` with a paired t interval.
+
+    Why paired t over seeds: the rows of one seed share their teacher (and data order), so most of
+    a seed's luck is common to its rows and cancels in the difference; the seeds are the
+    independent replicates. t rather than a bootstrap because n is 3 to 5 seeds, where a
+    bootstrap over seeds has only a handful of distinct resamples. Interval:
+    mean ± t_{(1+level)/2, n-1} · sd / √n over the seeds where both runs finished.
+    """
+    from scipy import stats
+
+    diffs = [v - r for v, r in zip(values, reference) if v is not None and r is not None
+             and not math.isnan(v) and not math.isnan(r)]
+    if not diffs:
+        return Delta(None, None, None, 0)
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return Delta(mean, None, None, len(diffs))
+    half = float(stats.t.ppf((1 + level) / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return Delta(mean, mean - half, mean + half, len(diffs))
+
+
+def format_delta(delta: Delta) -> str:
+    """`+1.23 [-0.40, +2.86]`, with `*` when the interval excludes zero; `—` with no pair."""
+    if delta.mean is None:
+        return MISSING
+    if delta.low is None:
+        return f"{delta.mean:+.2f} (n=1)"
+    return f"{delta.mean:+.2f} [{delta.low:+.2f}, {delta.high:+.2f}]" + ("*" if delta.significant else "")
+
+
+def _values(records: Sequence[Record], key: str) -> list[float | None]:
+    return [r.figures.get(key) if r.status == "ok" else None for r in records]
+
+
+def delta_cells(rows: Sequence[tuple[str, Sequence[Record]]], compare: Sequence[str | None],
+                key: str = "oa") -> tuple[list[str], list[list[Delta | None]]]:
+    """Two paired columns per row: Δ`key` vs FP32 and Δ`key` vs the row named in `compare` (same seeds).
+
+    Δ vs FP32 pairs each run with the FP32 model it measured itself (`delta_oa` of metrics.json:
+    the teacher of that seed); Δ vs a row pairs the two rows' runs of each seed. `compare[i]` is
+    the label of row i's reference row, or None. Records must be in the same seed order.
+    """
+    by_label = {label: records for label, records in rows}
+    cells = []
+    for (label, records), ref in zip(rows, compare):
+        vs_fp32 = paired_delta(_values(records, "delta_oa"), [0.0] * len(records)) if key == "oa" else None
+        vs_row = paired_delta(_values(records, key), _values(by_label[ref], key)) if ref else None
+        cells.append([vs_fp32, vs_row])
+    return [f"Δ{key.upper()} vs FP32, 95 % CI", f"Δ{key.upper()} vs compared row, 95 % CI"], cells
+
+
 # ---- tables --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Column:
@@ -184,35 +251,59 @@ QAT_COLUMNS = (
     Column("ms_bB", "ms b={batch}", "{:.1f}"), Column("speedup_bB", "speed-up b={batch}"),
 )
 
+# The bits table: accuracy against the packed size the bit widths buy (qat/export.py: packed_size_mb).
+BITS_COLUMNS = (
+    Column("oa", "int8 OA %"), Column("fq_oa", "fake-quant OA %"), Column("size_mb_packed", "packed MB", "{:.4f}"),
+    Column("size_mb", "artifact MB", "{:.3f}"),
+)
+
 
 def _row_cells(records: Sequence[Record], columns: Sequence[Column]) -> list[Cell]:
     return [aggregate([r.figures.get(c.key) if r.status == "ok" else None for r in records], len(records))
             for c in columns]
 
 
-def table_markdown(rows: Sequence[tuple[str, Sequence[Record]]], columns: Sequence[Column], batch: int | str) -> str:
-    """One line per row: label, the cells (mean ± std over its seeds), runs finished / expected."""
-    header = ["", *[c.header.format(batch=batch) for c in columns], "runs"]
+def table_markdown(rows: Sequence[tuple[str, Sequence[Record]]], columns: Sequence[Column], batch: int | str,
+                   compare: Sequence[str | None] | None = None) -> str:
+    """One line per row: label, the cells (mean ± std over its seeds), runs finished / expected.
+
+    `compare` (one entry per row: the label of the row it is compared with, or None) adds the
+    paired columns of `delta_cells`: Δ OA vs FP32 and vs that row, 95 % CI, `*` if it excludes 0.
+    """
+    header = ["", *[c.header.format(batch=batch) for c in columns]]
+    deltas = None
+    if compare is not None:
+        names, deltas = delta_cells(rows, compare)
+        header += [*names, "compared with"]
+    header.append("runs")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, records in rows:
+    for i, (label, records) in enumerate(rows):
         cells = [format_cell(cell, c.fmt) for cell, c in zip(_row_cells(records, columns), columns)]
+        if deltas is not None:
+            cells += [MISSING if d is None else format_delta(d) for d in deltas[i]] + [compare[i] or MISSING]
         ok = sum(r.status == "ok" for r in records)
         lines.append("| " + " | ".join([label, *cells, f"{ok}/{len(records)}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def table_csv(rows: Sequence[tuple[str, Sequence[Record]]], columns: Sequence[Column],
-              extra: dict[str, Sequence[str]] | None = None) -> str:
-    """Machine-readable twin of the Markdown: per column its mean, std and n (empty when missing)."""
+              extra: dict[str, Sequence[str]] | None = None, compare: Sequence[str | None] | None = None) -> str:
+    """Machine-readable twin of the Markdown: per column its mean, std and n (empty when missing);
+    with `compare`, the paired Δ OA vs FP32 and vs the compared row (mean, CI low/high, n)."""
     extra = extra or {}
+    deltas = delta_cells(rows, compare)[1] if compare is not None else None
     header = ["row", *extra, *[f"{c.key}_{s}" for c in columns for s in ("mean", "std", "n")],
-              "runs_ok", "runs_expected"]
+              *([f"{d}_{s}" for d in ("delta_oa_vs_fp32", "delta_oa_vs_row") for s in ("mean", "low", "high", "n")]
+                if deltas is not None else []), "runs_ok", "runs_expected"]
     lines = [",".join(header)]
     for i, (label, records) in enumerate(rows):
         values = [label, *[vals[i] for vals in extra.values()]]
         for cell in _row_cells(records, columns):
             values += ["" if cell.mean is None else repr(cell.mean), "" if cell.std is None else repr(cell.std),
                        str(cell.n)]
+        for delta in deltas[i] if deltas is not None else []:
+            delta = delta or Delta(None, None, None, 0)
+            values += ["" if v is None else repr(v) for v in (delta.mean, delta.low, delta.high)] + [str(delta.n)]
         values += [str(sum(r.status == "ok" for r in records)), str(len(records))]
         lines.append(",".join(f'"{v}"' if "," in v else v for v in values))
     return "\n".join(lines) + "\n"
@@ -249,11 +340,13 @@ def _save(fig: Any, path: Path) -> None:
         _pyplot().close(fig)
 
 
-def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch: int | str, title: str) -> list[str]:
-    """OA vs latency at the eval batch (mean ± std over seeds); the Pareto front joined and starred.
+def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch: int | str, title: str,
+                x_key: str = "ms_bB", x_label: str | None = None) -> list[str]:
+    """OA vs a cost (mean ± std over seeds); the Pareto front joined and starred.
 
-    Returns the labels on the front (lowest latency first); rows without both figures are left out
-    of the plot and named in its caption.
+    The cost is the figure `x_key`: latency at the eval batch by default, `size_mb_packed` for the
+    bits table. Returns the labels on the front (lowest cost first); rows without both figures are
+    left out of the plot and named in its caption.
     """
     from qat.search import pareto_front  # (cost, accuracy) → indices no other point beats
 
@@ -261,7 +354,7 @@ def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch:
     points, labels, errs, absent = [], [], [], []
     for label, records in rows:
         lat, acc = (aggregate([r.figures.get(k) if r.status == "ok" else None for r in records], len(records))
-                    for k in ("ms_bB", "oa"))
+                    for k in (x_key, "oa"))
         if lat.mean is None or acc.mean is None:
             absent.append(label)
             continue
@@ -279,7 +372,7 @@ def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch:
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", lw=1,
                 label="Pareto front")
         ax.legend(fontsize=8)
-    ax.set_xlabel(f"latency, ms at batch {batch} (median, mean over seeds)")
+    ax.set_xlabel(x_label or f"latency, ms at batch {batch} (median, mean over seeds)")
     ax.set_ylabel("test OA %")
     ax.set_title(title + (f"\n(no figures: {', '.join(absent)})" if absent else ""), fontsize=9)
     ax.grid(alpha=0.3)

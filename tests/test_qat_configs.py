@@ -22,7 +22,14 @@ def qat_group(option: str, *overrides: str):
 
 
 def test_qat_group_has_the_expected_options():
-    assert OPTIONS == ["default", "per_tensor", "progressive"]
+    assert OPTIONS == ["default", "per_tensor", "progressive", "w4a4", "w4a8", "w6a8", "w8a8"]
+
+
+@pytest.mark.parametrize("option,bits", [("w8a8", (8, 8)), ("w6a8", (6, 8)), ("w4a8", (4, 8)), ("w4a4", (4, 4))])
+def test_bit_presets_change_only_the_bits(option, bits):
+    """qat=w8a8 is today's default spec exactly; the others differ from it in the bits alone."""
+    assert spec_from_config(qat_group(option)) == QConfigSpec(weight_bits=bits[0], activation_bits=bits[1])
+    assert QuantSchedule.from_config(qat_group(option)) == QuantSchedule.from_config(qat_group("default"))
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -290,3 +290,67 @@ def test_the_longest_name_wins_so_one_conv_of_an_fp32_block_can_be_quantized():
     train_steps(prepared, 1)
     float_layers = sorted(qat.float_op_names(qat.convert(prepared)))
     assert float_layers == ["encoder.encoder.1.convs.1.0", "encoder.encoder.1.skipconv.0"]
+
+
+# ---- sub-8-bit layers on the int8 kernels ---------------------------------------------------
+W4A4 = QConfigSpec(activation_observer="minmax", weight_bits=4, activation_bits=4)
+
+
+def int_weights(int8: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Integer weights of every quantized conv/linear, (C_out, rest) each."""
+    return {name: module.weight().int_repr().flatten(1) for name, module in int8.named_modules()
+            if callable(getattr(module, "weight", None)) and module.weight().is_quantized}
+
+
+@pytest.mark.parametrize("ptq", [False, True])
+def test_4_bit_weights_take_at_most_15_values_per_channel_after_convert(ptq):
+    """[-7, 7]: the restricted symmetric 4-bit grid, held in int8 (8-bit layers take more: the control)."""
+    spec = QConfigSpec(weight_bits=4, module_overrides={"prediction.2.0": LayerChoice(weight_bits=8)})
+    if ptq:
+        prepared = qat.prepare_ptq(make_standin().eval(), spec, (clouds(2, 99),))
+        with torch.no_grad():
+            prepared(clouds(16, 1))
+    else:
+        prepared = prepare(spec)
+        train_steps(prepared)
+    weights = int_weights(qat.convert(prepared))
+    assert len(weights) == 9 and "prediction.2.0" in weights
+    for name, w in weights.items():
+        if name == "prediction.2.0":
+            assert w.max() > 7, name  # the 8-bit layer uses its wider grid
+            continue
+        assert w.abs().max() <= 7, name
+        assert max(len(row.unique()) for row in w) <= 15, name
+
+
+def test_w4a4_int8_model_reproduces_the_fake_quant_logits_when_ranges_cover_the_data():
+    """As at 8 bits, with the same tolerance: conversion keeps every 4-bit value on its grid."""
+    batch = clouds(16, 10)
+    prepared, int8 = fidelity_model(W4A4, batch, 0)
+    with torch.no_grad():
+        expected, actual = prepared(batch), int8(batch)
+    assert relative_error(actual, expected) < 0.015
+    assert torch.equal(actual.argmax(dim=1), expected.argmax(dim=1))
+
+
+def test_sub_8_bit_activations_leave_their_grid_only_beyond_the_calibrated_range():
+    """The documented gap (qat/fx.py): inside the range the int8 activations take ≤ 16 values;
+    on inputs three times larger they exceed 15, where the fake quant clips."""
+    prepared, int8 = fidelity_model(W4A4, clouds(16, 10), 0)
+    seen: list[int] = []
+    stem = int8.get_submodule("encoder.encoder.0.0.0")
+    hook = stem.register_forward_hook(lambda m, i, o: seen.append(int(o.int_repr().max())))
+    with torch.no_grad():
+        int8(clouds(16, 10))
+        int8(clouds(16, 10) * 3)
+    hook.remove()
+    assert seen[0] <= 15 < seen[1]
+
+
+def test_8_bit_spec_builds_todays_observers_exactly():
+    """qat=w8a8 is today's numerics: activations [0, 127] (reduce_range), weights [-127, 127]."""
+    model = prepare(QConfigSpec(weight_bits=8, activation_bits=8))
+    ranges = {(int(m.quant_min), int(m.quant_max)) for _, m in qat.fake_quant_modules(model)}
+    assert ranges == {(0, 127), (-127, 127)}
+    ranges4 = {(int(m.quant_min), int(m.quant_max)) for _, m in qat.fake_quant_modules(prepare(W4A4))}
+    assert ranges4 == {(0, 15), (-7, 7)}

@@ -20,6 +20,7 @@ SEARCHED = QConfigSpec(
     module_overrides={
         "encoder.encoder.2.convs.1.0": LayerChoice(weight="per_tensor"),
         "prediction.2.0": LayerChoice(activation_observer="histogram"),
+        "encoder.encoder.1.convs.0.0": LayerChoice(weight_bits=4, activation_bits=6),
     },
     type_overrides={"Conv2d": LayerChoice(activation_observer="minmax")},
 )
@@ -66,6 +67,13 @@ def test_spec_rejects_an_unknown_choice_and_lists_the_allowed_ones(field, value,
         (dict(module_overrides={"a": {"weights": "per_tensor"}}), r"unknown key\(s\) \['weights'\]"),
         (dict(module_overrides={"a": {"activation_observer": "ema"}}), r"module_overrides\['a'\].activation_observer='ema'"),
         (dict(type_overrides={"BatchNorm2d": {"weight": "per_tensor"}}), "type_overrides key='BatchNorm2d' is not allowed"),
+        (dict(weight_bits=1), "weight_bits=1 is not a supported bit width: use an integer from 2 to 8"),
+        (dict(activation_bits=16), "activation_bits=16 is not a supported bit width"),
+        (dict(weight_bits=True), "weight_bits=True is not a supported bit width"),
+        (dict(module_overrides={"a": {"weight_bits": 9}}), r"module_overrides\['a'\].weight_bits=9"),
+        (dict(backend="pt2e_x86", weight_bits=4), "weight_bits=4 cannot be expressed with backend pt2e_x86"),
+        (dict(backend="pt2e_x86", type_overrides={"Linear": {"activation_bits": 4}}),
+         r"type_overrides\['Linear'\].activation_bits=4 cannot be expressed with backend pt2e_x86"),
     ],
 )
 def test_spec_rejects_bad_values_with_a_message_naming_the_field(kwargs, message):
@@ -166,3 +174,22 @@ def test_build_qconfig_mapping_uses_8bit_symmetric_weights_and_7bit_activations(
     assert (activation.quant_min, activation.quant_max, activation.dtype) == (0, 127, torch.quint8)
     full = build_qconfig_mapping(QConfigSpec(reduce_range=False), qat=True).global_qconfig.activation()
     assert full.quant_max == 255
+
+
+def test_bit_ranges_are_the_restricted_symmetric_weight_grid_and_the_affine_activation_grid():
+    from qat.spec import activation_range, weight_range
+    assert [weight_range(b) for b in (8, 6, 4, 2)] == [(-127, 127), (-31, 31), (-7, 7), (-1, 1)]
+    assert [activation_range(b, True) for b in (8, 6, 4)] == [(0, 127), (0, 63), (0, 15)]
+    assert activation_range(8, False) == (0, 255)
+
+
+def test_spec_resolve_follows_the_mapping_precedence():
+    """Longest covering name, then type, then globals; FP32 is None. Every field is filled in."""
+    spec = QConfigSpec(weight_bits=4, keep_fp32=["encoder"],
+                       module_overrides={"encoder.stem": {"activation_bits": 6}, "head": {"weight_bits": 8}},
+                       type_overrides={"Linear": {"weight_bits": 6}})
+    assert spec.resolve("encoder.block", "Conv2d") is None
+    assert spec.resolve("encoder.stem.0", "Conv1d") == LayerChoice("per_channel", "moving_average_minmax", 4, 6)
+    assert spec.resolve("head.0", "Linear").weight_bits == 8  # a name wins over the type
+    assert spec.resolve("tail", "Linear").weight_bits == 6
+    assert spec.resolve("tail", "Conv2d").weight_bits == 4

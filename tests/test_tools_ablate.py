@@ -171,7 +171,8 @@ def test_failed_runs_show_as_missing_with_the_reason(tmp_path):
     (write_run(tmp_path, "kd_qat", 2, None) / "metrics.json").unlink()  # killed before it wrote metrics.json
     markdown, table = build(tmp_path)
     static = md_row(markdown, "static PTQ")
-    assert static[1:-1] == ["— (n=0/3)"] * 9 and static[-1] == "0/3"
+    assert static[1:10] == ["— (n=0/3)"] * 9 and static[-1] == "0/3"
+    assert static[10:13] == ["—", "—", "—"]  # no pair: no Δ vs FP32, compared with no row
     assert table["static PTQ"]["oa_mean"] == "" and table["static PTQ"]["oa_n"] == "0"
     assert "- static PTQ, seed 0: failed — error: qat.calib_batches=0: use >= 1" in markdown
     assert md_row(markdown, "KD-QAT")[1] == "70.50 ± 0.71 (n=2/3)"
@@ -361,3 +362,80 @@ def test_launcher_runs_each_row_as_one_hydra_multirun_over_the_seeds(tmp_path):
     assert md_row(markdown, "KD-QAT")[1].startswith(f"{sum(oas) / 2:.2f}") and md_row(markdown, "KD-QAT")[-1] == "2/2"
     again = run_tool("ablate.py", tmp_path, *args, "launcher=basic", threads=1)  # finished seeds are kept
     assert again.stdout.count("finished earlier, kept") == 2
+
+
+# ---- paired statistics and the bits table ---------------------------------------------------------------
+T_975_DF2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables)
+
+
+def test_paired_delta_is_the_mean_difference_with_a_paired_t_interval():
+    a, b = [72.0, 75.0, 71.0], [70.0, 71.0, 70.5]
+    diffs = [2.0, 4.0, 0.5]
+    mean, sd = sum(diffs) / 3, math.sqrt(sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2)
+    delta = tables.paired_delta(a, b)
+    assert delta.mean == pytest.approx(mean) and delta.n == 3
+    assert delta.low == pytest.approx(mean - T_975_DF2 * sd / math.sqrt(3))
+    assert delta.high == pytest.approx(mean + T_975_DF2 * sd / math.sqrt(3))
+    assert not delta.significant and tables.format_delta(delta).endswith("]")  # the interval holds 0: no mark
+    tight = tables.paired_delta([72.0, 73.0, 74.0], [70.0, 70.9, 72.1])  # the same +2 on every seed
+    assert tight.significant and tables.format_delta(tight).endswith("*")
+    assert tables.paired_delta([72.0, None, 74.0], [70.0, 71.0, None]).n == 1  # pairs only where both finished
+
+
+BITS_ROWS = ["fp32", "static_w4a4", "qat_w4a4", "kd_qat_w4a4"]
+
+
+def write_bits(results: Path, oa: dict[str, list[float]], fp32_oa=(71.0, 72.0, 70.0)) -> None:
+    """Bits-table runs: every quantized run of seed s quantized the FP32 model of seed s (its teacher)."""
+    for row in BITS_ROWS:
+        for seed in range(3):
+            method = row.split("_w")[0]
+            m = fake_metrics(seed, method, oa=oa[row][seed])
+            if method != "fp32":
+                m["fp32"]["oa"] = fp32_oa[seed]
+            m["size_mb_packed"] = 0.01 if method != "fp32" else 0.08
+            write_run(results, row, seed, m, table="bits")
+
+
+def test_bits_table_deltas_are_paired_over_seeds_against_fp32_and_the_compared_row(tmp_path):
+    oa = {"fp32": [71.0, 72.0, 70.0], "static_w4a4": [20.0, 25.0, 15.0], "qat_w4a4": [60.0, 62.0, 58.0],
+          "kd_qat_w4a4": [62.0, 63.5, 60.5]}
+    write_bits(tmp_path, oa)
+    markdown, table = build(tmp_path, "table=bits", f"rows=[{','.join(BITS_ROWS)}]")
+    kd, qat_row = table["KD-QAT W4A4"], table["QAT W4A4"]
+    expected = tables.paired_delta(oa["kd_qat_w4a4"], oa["qat_w4a4"])
+    assert float(kd["delta_oa_vs_row_mean"]) == pytest.approx(sum([2.0, 1.5, 2.5]) / 3)
+    assert float(kd["delta_oa_vs_row_low"]) == pytest.approx(2.0 - T_975_DF2 * 0.5 / math.sqrt(3))
+    assert (float(kd["delta_oa_vs_row_low"]), float(kd["delta_oa_vs_row_high"])) == pytest.approx(
+        (expected.low, expected.high))
+    assert float(qat_row["delta_oa_vs_row_mean"]) == pytest.approx(40.0)  # vs static PTQ, same seeds
+    assert float(kd["delta_oa_vs_fp32_mean"]) == pytest.approx(-9.0)  # each run against its own teacher
+    assert float(kd["size_mb_packed_mean"]) == 0.01
+    assert md_row(markdown, "KD-QAT W4A4")[5].endswith("*")  # [+0.76, +3.24] excludes zero
+    assert md_row(markdown, "KD-QAT W4A4")[7] == "QAT W4A4"
+    assert (tmp_path / "bits" / "quick_pareto.png").is_file()
+
+
+def test_bits_table_pairs_by_seed_not_by_position_in_the_sorted_values(tmp_path):
+    """Negative control of the pairing: the same values with the seeds of one row swapped change the interval."""
+    oa = {"fp32": [71.0, 72.0, 70.0], "static_w4a4": [20.0, 25.0, 15.0], "qat_w4a4": [60.0, 62.0, 58.0],
+          "kd_qat_w4a4": [62.0, 63.5, 60.5]}
+    write_bits(tmp_path / "a", oa)
+    write_bits(tmp_path / "b", {**oa, "kd_qat_w4a4": [60.5, 63.5, 62.0]})
+    rows = f"rows=[{','.join(BITS_ROWS)}]"
+    a, b = (build(tmp_path / x, "table=bits", rows)[1]["KD-QAT W4A4"] for x in "ab")
+    assert a["delta_oa_vs_row_mean"] == b["delta_oa_vs_row_mean"] and a["oa_std"] == b["oa_std"]
+    assert float(b["delta_oa_vs_row_high"]) - float(b["delta_oa_vs_row_low"]) > 3 * (
+        float(a["delta_oa_vs_row_high"]) - float(a["delta_oa_vs_row_low"]))
+
+
+@pytest.mark.parametrize("row", ["static_w6a8", "qat_w4a8", "kd_qat_w4a4"])
+def test_bits_rows_compose_with_their_bit_preset(tmp_path, row):
+    from qat import spec_from_config
+    (run,) = [r.run for r in ablate.table_rows(ablate_cfg(tmp_path, "table=bits")) if r.run.name == row]
+    config_name = "quantize" if run.tool == "quantize.py" else "train_kd_qat"
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        composed = compose(config_name, overrides=[f"+experiment=[quick,{run.experiment}]", *run.extra])
+    validate_config(composed)
+    spec = spec_from_config(composed.qat)
+    assert f"w{spec.weight_bits}a{spec.activation_bits}" == row.rsplit("_", 1)[1]

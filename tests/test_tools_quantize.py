@@ -167,3 +167,20 @@ def test_compare_backends_refuses_a_spec_pt2e_cannot_express_naming_the_key():
     with pytest.raises(ConfigError, match=r"^compare_backends: weight=per_tensor cannot be expressed with backend "
                                           r"pt2e_x86"):
         quantize.plan_runs(cfg, list(METHODS))
+
+
+@pytest.mark.slow
+def test_static_w4a4_writes_accuracy_file_size_and_packed_size(workdir, compare_run):
+    """The contract `quantize.py method=static qat=w4a4 pretrained=CKPT`: oa, size_mb, size_mb_packed,
+    the packed size that of 4-bit weights, below W8A8's, which is below FP32's."""
+    from models import create_model, load_checkpoint
+    from qat import QConfigSpec
+    from qat.export import packed_size_mb
+    pretrained = compare_run / "teacher" / "final.pt"
+    run = run_quantize(workdir, workdir / "w4a4", "method=static", "qat=w4a4", f"pretrained={pretrained}")
+    m = read_metrics(run)
+    assert 0 <= m["oa"] <= 100 and m["size_mb"] == pytest.approx((run / "model_int8.pt").stat().st_size / 1e6)
+    model = create_model(m["model"], num_classes=16, width=m["width"])
+    load_checkpoint(model, pretrained)  # the shapes of the model quantized
+    assert m["size_mb_packed"] == pytest.approx(packed_size_mb(model, QConfigSpec(weight_bits=4, activation_bits=4)))
+    assert m["size_mb_packed"] < packed_size_mb(model, QConfigSpec()) < m["fp32"]["size_mb_packed"]

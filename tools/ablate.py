@@ -1,4 +1,4 @@
-"""The paper's tables, regenerated from run directories: main, kd (α × T), schedule, qconfig.
+"""The paper's tables, regenerated from run directories: main, kd (α × T), schedule, qconfig, bits.
 
     python tools/ablate.py table=main                        # runs what is missing, writes results/main/
     python tools/ablate.py table=kd seeds=[0]                # the α × T grid: table + heat map
@@ -57,6 +57,7 @@ class Row:
     label: str
     run: Run
     params: tuple[Any, ...] = ()    # grid coordinates (kd table)
+    compare: str | None = None      # name of the row this one is compared with (paired Δ OA, same seeds)
 
 
 SEARCH = "search"  # run name of the qconfig search that searched rows depend on
@@ -78,8 +79,14 @@ def table_rows(cfg: DictConfig) -> list[Row]:
                 rows.append(Row(f"α={a}, T={t}", Run(f"alpha{a}_T{run_t}", spec.experiment,
                                                      extra=(f"{row_key}={a}", f"{col_key}={run_t}")), (a, t)))
     else:
-        rows = [Row(r.label, Run(r.name, r.experiment, r.get("tool", "train_kd_qat.py"), search=bool(r.get("search"))))
+        rows = [Row(r.label, Run(r.name, r.experiment, r.get("tool", "train_kd_qat.py"), tuple(r.get("overrides") or ()),
+                                 search=bool(r.get("search"))), compare=r.get("compare"))
                 for r in spec.rows]
+        names = {r.run.name for r in rows}
+        for row in rows:
+            if row.compare is not None and row.compare not in names:
+                raise AblateError(f"tables.{cfg.table}: row {row.run.name} compares with {row.compare!r}, "
+                                  f"which is not a row; use one of {sorted(names)}")
     if cfg.rows is not None:
         unknown = set(cfg.rows) - {r.run.name for r in rows}
         if unknown:
@@ -296,8 +303,10 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
     out = Path(cfg.results_dir).resolve() / cfg.table
     out.mkdir(parents=True, exist_ok=True)
     spec = cfg.tables[cfg.table]
-    columns = tables.MAIN_COLUMNS if spec.columns == "main" else tables.QAT_COLUMNS
+    columns = {"main": tables.MAIN_COLUMNS, "bits": tables.BITS_COLUMNS}.get(spec.columns, tables.QAT_COLUMNS)
     by_row = row_records(cfg, rows, records)
+    label_of = {row.run.name: row.label for row in rows}  # a compared row left out by `rows=`: no comparison
+    compare = [label_of.get(row.compare) for row in rows]
     everything = [r for _, rs in by_row for r in rs]
     batch = _stated(everything, "eval_batch")
     name = cfg.profile
@@ -314,18 +323,24 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
                        f"int8 OA, {cfg.table} table ({cfg.profile})")
         parts.append(f"![heat map]({name}_heatmap.png)\n")
         extra = {row_key: [str(r.params[0]) for r in rows], col_key: [str(r.params[1]) for r in rows]}
-    parts.append(tables.table_markdown(by_row, columns, batch))
-    (out / f"{name}.csv").write_text(tables.table_csv(by_row, columns, extra))
+    parts.append(tables.table_markdown(by_row, columns, batch, compare))
+    (out / f"{name}.csv").write_text(tables.table_csv(by_row, columns, extra, compare))
     parts.append(
         f"\nCells: mean ± sample std over the seeds that finished; `(n=k/N)`: only k of N runs finished; "
         f"`{tables.MISSING}`: none did. Latency: median CPU ms, {_stated(everything, 'threads')} threads, "
         f"{_stated(everything, 'num_points')} points, end to end (neighbour search included), int8 timed from the "
         f"reloaded TorchScript artifact; size ratios, speed-ups and ΔOA are against the FP32 model measured in the "
-        f"same run.\n")
+        f"same run.\n\nΔ columns: mean paired difference of OA over the seeds where both runs finished, with a "
+        f"95 % paired t interval over seeds (runtime/tables.py: paired_delta); `*`: the interval excludes zero. "
+        f"Δ vs FP32 pairs each run with the FP32 model it quantized (that seed's teacher); Δ vs the compared row "
+        f"pairs the two rows' runs of each seed.\n")
     if "grid" not in spec:
-        front = tables.plot_pareto(by_row, out / f"{name}_pareto.png", batch, f"{cfg.table} table ({cfg.profile})")
-        parts.append(f"![accuracy vs latency]({name}_pareto.png)\n\nPareto front (OA vs ms b={batch}): "
-                     f"{', '.join(front) or 'none'}.\n")
+        x_key = "size_mb_packed" if spec.columns == "bits" else "ms_bB"
+        x_label = "packed size, MB (bits × parameters + scales)" if x_key == "size_mb_packed" else None
+        front = tables.plot_pareto(by_row, out / f"{name}_pareto.png", batch, f"{cfg.table} table ({cfg.profile})",
+                                   x_key=x_key, x_label=x_label)
+        parts.append(f"![accuracy vs {'packed size' if x_label else 'latency'}]({name}_pareto.png)\n\nPareto front "
+                     f"(OA vs {'packed MB' if x_label else f'ms b={batch}'}): {', '.join(front) or 'none'}.\n")
     curves = [(label, recs) for (label, recs), row in zip(by_row, rows) if row.run.name in spec.get("curves", [])]
     if curves and tables.plot_curves(curves, out / f"{name}_curves.png", f"{cfg.table} table ({cfg.profile})"):
         parts.append(f"![validation curves]({name}_curves.png)\n")
