@@ -59,7 +59,7 @@ def _check_range(cfg: DictConfig, key: str, integer: bool, low: float, high: flo
     if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
         return  # null where allowed, or a key this tool's config does not have
     kind = "an integer" if integer else "a number"
-    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:.10g}" if high < math.inf else "")
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not math.isfinite(value):
         raise ConfigError(f"{key}={value!r}: use {kind} {bounds}" + (" or null" if nullable else ""))

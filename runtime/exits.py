@@ -101,17 +101,21 @@ def _torch_write_failure(err: RuntimeError) -> bool:
     return "PytorchStreamWriter" in text or "iostream error" in text or "file write failed" in text
 
 
-def main_guard(run: Callable[[], object], resume_hint: Callable[[], str] | None = None) -> None:
+def main_guard(run: Callable[[], object], resume_hint: Callable[[], str] | None = None,
+               on_user_error: Callable[[], None] | None = None) -> None:
     """Runs a tool's body and ends the process with the exit code and line described above.
 
     Args:
         run: The tool's body.
         resume_hint: Returns the command-line addition that resumes this run (for a stop).
+        on_user_error: Tidies up after refused input (e.g. removes the empty run directory hydra made).
     """
     STOP.install()
     try:
         run()
     except USER_ERRORS as err:
+        if on_user_error is not None:
+            on_user_error()
         sys.exit(_fail(f"error: {err}"))
     except (StopRequested, TrainingStopped) as err:
         signum = STOP.signum or signal.SIGTERM
@@ -120,6 +124,8 @@ def main_guard(run: Callable[[], object], resume_hint: Callable[[], str] | None 
         print(f"stopped by {signal.Signals(signum).name}{where}; to continue: {hint}", file=sys.stderr)
         sys.exit(128 + signum)
     except OSError as err:
+        if on_user_error is not None:
+            on_user_error()
         sys.exit(_fail(f"error: {describe_os_error(err)}"))
     except RuntimeError as err:
         if not _torch_write_failure(err):

@@ -30,7 +30,7 @@ from models import atomic_write
 
 from runtime.config import ConfigError
 
-__all__ = ["RunDirectory", "config_changes"]
+__all__ = ["RunDirectory", "config_changes", "remove_if_empty"]
 
 # Keys that change how a run is executed or reported, never what it computes.
 _RUN_NEUTRAL = ("resume", "overwrite", "allow_changes", "logger", "train.num_workers", "train.eval_batch_size",
@@ -60,14 +60,23 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def _lock_holder(path: Path) -> str:
     """The PID holding a flock on `path`, from /proc/locks (Linux), or '' if unknown."""
     try:
-        inode = os.stat(path).st_ino
+        st = os.stat(path)
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if "FLOCK" in fields and fields[fields.index("FLOCK") + 3].endswith(f":{inode}"):
-                return fields[fields.index("FLOCK") + 2]
+            fields = line.split()  # e.g. "1: FLOCK  ADVISORY  WRITE 13697 fe:00:2162927 0 EOF"
+            if "FLOCK" in fields and fields[fields.index("FLOCK") + 4] == where:
+                return fields[fields.index("FLOCK") + 3]
     except (OSError, IndexError, ValueError):
         pass
     return ""
+
+
+def remove_if_empty(path: str | Path) -> None:
+    """Removes `path` if it is an empty directory: what hydra created for a run that was refused."""
+    try:
+        Path(path).rmdir()
+    except OSError:
+        pass  # not empty, not there, or not ours to remove
 
 
 class RunDirectory:
@@ -161,6 +170,9 @@ class RunDirectory:
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         text = OmegaConf.to_yaml(cfg, resolve=True)
         config = self.path / "config.yaml"
+        if self.resume and config.is_file() and not config_changes(
+                yaml.safe_load(config.read_text()), OmegaConf.to_container(cfg, resolve=True)):
+            return  # the run's own config (run-neutral keys such as `resume` aside): kept as written
         if not (config.is_file() and config.read_text() == text):
             atomic_write(config, lambda tmp: Path(tmp).write_text(text))
 

@@ -16,13 +16,12 @@ batch), rank 0 alone writes files and logs, converts and measures. A worker rest
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill import distributed
 from distill import seed_everything
@@ -30,7 +29,7 @@ from runtime.logger import RunLogger
 from runtime import pipeline
 from runtime.config import check_launch, check_overrides, pick_device, validate_config, wants_resume
 from runtime.exits import main_guard
-from runtime.rundir import RunDirectory
+from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.report import print_results_table
 from runtime.workflow import quantize
 
@@ -40,7 +39,8 @@ def main(cfg: DictConfig) -> None:
     # bad input: one line, exit 2; SIGTERM/SIGINT: checkpoint, one line saying how to resume (runtime/exits.py)
     try:
         main_guard(lambda: run(cfg), resume_hint=lambda: f"the same command with resume=true "
-                                                         f"hydra.run.dir={HydraConfig.get().runtime.output_dir}")
+                                                         f"hydra.run.dir={HydraConfig.get().runtime.output_dir}",
+                   on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
     finally:
         distributed.shutdown()
 
