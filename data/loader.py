@@ -80,5 +80,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         drop_last=drop_last,
         worker_init_fn=seed_worker,
         generator=order_gen,
-        persistent_workers=num_workers > 0,  # items are cheap; re-forking workers every epoch is not
+        # Not persistent: a new iterator draws the workers' base seed from `generator` before the
+        # shuffle does, so with persistent workers the first epoch of a process (a resumed run, the
+        # student after a cached teacher) would shuffle differently from the same epoch mid-run.
+        persistent_workers=False,
     )

@@ -165,7 +165,7 @@ def build_sharded_loader(dataset: Dataset, global_batch: int, seed: int, rank: i
                                    rank, world_size, seeded_keys=getattr(dataset, "accepts_seeded_keys", False))
     return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, num_workers=num_workers,
                       drop_last=True, worker_init_fn=seed_worker, generator=order_gen,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=False)  # see data.build_loader: the order must not depend on history
 
 
 class EvalShard(Sampler):

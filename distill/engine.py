@@ -39,7 +39,7 @@ from . import distributed as D
 from .checkpoint import atomic_torch_save, load_training_checkpoint, remove_stale_temporaries
 from .losses import DistillationLoss
 
-__all__ = ["EpochHook", "EngineConfig", "Engine", "NonFiniteLossError", "seed_everything", "predict"]
+__all__ = ["EpochHook", "EngineConfig", "Engine", "NonFiniteLossError", "TrainingStopped", "seed_everything", "predict"]
 
 
 class EpochHook(Protocol):
@@ -56,6 +56,10 @@ class EpochHook(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the last complete checkpoint is left untouched."""
+
+
+class TrainingStopped(Exception):
+    """A stop was requested (`should_stop`); the engine finished its step and wrote a checkpoint."""
 
 
 @dataclass
@@ -92,6 +96,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    """The global RNGs' states (dropout, third-party code), for a mid-epoch checkpoint."""
+    state = {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()), "python": list(random.getstate())}
+    state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())  # weights-only loadable
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = list(state["numpy"])
+    numpy_state[1] = numpy_state[1].numpy()
+    np.random.set_state(tuple(numpy_state))
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -135,6 +159,10 @@ class Engine:
         step_context: Called once per training step; the teacher and student forwards run inside
             the context manager it returns (the tool passes `models.neighbors.shared_neighborhoods`,
             so the student reuses the teacher's neighbour search on the same clouds). None: nothing.
+        should_stop: Polled after every step (e.g. a SIGTERM arrived); when true on any rank, the
+            engine writes a mid-epoch checkpoint and raises `TrainingStopped`. A run resumed from
+            it replays the epoch's batch order, skips the batches already trained and restores the
+            RNG state, so it ends exactly as the uninterrupted run.
     """
 
     def __init__(
@@ -154,6 +182,7 @@ class Engine:
         progress: Callable[[Iterable, str], Iterable] | None = None,
         extra_state: dict[str, Any] | None = None,
         step_context: Callable[[], ContextManager[Any]] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.student = student
         self.loss_fn = loss_fn
@@ -170,6 +199,8 @@ class Engine:
         self.progress = progress or (lambda iterable, desc: iterable)
         self.extra_state = extra_state or {}
         self.step_context = step_context or contextlib.nullcontext
+        self.should_stop = should_stop or (lambda: False)
+        self._partial: dict[str, Any] | None = None  # position inside an unfinished epoch (mid-epoch checkpoint)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer updates done
         self.history: list[dict[str, float]] = []
@@ -185,16 +216,21 @@ class Engine:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy())},
             "history": self.history,
+            "partial_epoch": self._partial,
             **self.extra_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _unwrap(self.student).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.scheduler is not None:
+            # The schedule is a function of the update count: recomputed from this run's scheduler
+            # rather than restored, so a resumed run with more epochs (`allow_changes=[train.epochs]`)
+            # follows the schedule planned for its new length, not the old one's `t_initial`.
+            self.scheduler.step_update(self.step)
         self.history = list(state.get("history", []))
+        self._partial = state.get("partial_epoch")
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -221,7 +257,11 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
-        """Trains from the current epoch up to `config.epochs`; returns per-epoch metrics."""
+        """Trains from the current epoch up to `config.epochs`; returns per-epoch metrics.
+
+        Raises:
+            TrainingStopped: `should_stop()` became true; a complete checkpoint was written first.
+        """
         while self.epoch < self.config.epochs:
             metrics = self.train_one_epoch(self.epoch)
             if self.val_loader is not None:
@@ -231,6 +271,8 @@ class Engine:
             self.log_fn(metrics, self.step)
             self.epoch += 1
             self.save_checkpoint()
+            if self.epoch < self.config.epochs and D.any_across_ranks(self.should_stop()):
+                raise TrainingStopped(f"after epoch {self.epoch}, checkpoint {self.checkpoint_path}")
         return self.history
 
     def _start_epoch(self, epoch: int) -> dict[str, float]:
@@ -253,8 +295,16 @@ class Engine:
         metrics = self._start_epoch(epoch)
         sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
         seen, skipped, batches = 0, 0, 0
+        resumed = self._partial if self._partial is not None and self._partial["epoch"] == epoch else None
+        self._partial = None
+        if resumed is not None:  # a mid-epoch checkpoint: continue after its last trained batch
+            sums, seen, skipped = dict(resumed["sums"]), int(resumed["seen"]), int(resumed["skipped"])
         for batch_idx, batch in enumerate(self.progress(self.train_loader, f"epoch {epoch}")):
             batches += 1
+            if resumed is not None and batch_idx < resumed["batches"]:
+                if batch_idx + 1 == resumed["batches"]:  # the next batch draws from the RNGs as it did then
+                    _set_rng_state(resumed["rng"])
+                continue  # trained before the stop (the same order: the loader restarted from (seed, epoch))
             xyz, feats, label = _to_device(batch, self.device)
             with self.step_context():  # forwards only: whatever it holds is released before backward
                 teacher_logits = self.teacher(xyz, feats) if self.teacher is not None and self.loss_fn.alpha > 0 else None
@@ -285,6 +335,11 @@ class Engine:
             seen += label.shape[0]
             if self.step % self.config.log_every == 0:
                 self.log_fn({f"train/{k}": out[k].item() for k in sums} | {"train/lr": self._lr()}, self.step)
+            if D.any_across_ranks(self.should_stop()):
+                self._partial = {"epoch": epoch, "batches": batch_idx + 1, "sums": dict(sums), "seen": seen,
+                                 "skipped": skipped, "rng": _get_rng_state()}
+                self.save_checkpoint()
+                raise TrainingStopped(f"epoch {epoch} step {batch_idx + 1}, checkpoint {self.checkpoint_path}")
         if batches and skipped == batches:
             raise NonFiniteLossError(f"every one of the {batches} batches of epoch {epoch} gave a non-finite loss "
                                      f"(train.nonfinite=skip); the last complete checkpoint ({self.checkpoint_path}) "

@@ -5,9 +5,11 @@ one line (`USER_ERRORS`): bad config, data, checkpoint or spec, as opposed to a 
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +18,7 @@ import data
 import qat
 from distill import DistillationLoss, NonFiniteLossError
 from distill import distributed
-from models import CheckpointError
+from models import CheckpointError, create_model
 
 
 class ConfigError(ValueError):
@@ -24,12 +26,12 @@ class ConfigError(ValueError):
 
 
 # Errors that mean "the user's input is wrong" (or a run that cannot go on, like a NaN loss):
-# the tools print them as one line and exit 1.
+# the tools print them as one line and exit 2 (`runtime/exits.py`).
 USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError, NonFiniteLossError)
 
 # Ranges of numeric config values: key -> (integer?, lowest, highest, lowest excluded?, null allowed?).
 _RANGES: dict[str, tuple[bool, float, float, bool, bool]] = {
-    "seed": (True, 0, math.inf, False, False),
+    "seed": (True, 0, 2**32 - 1, False, False),  # seed + epoch etc. feed 64-bit generator seeds
     "train.epochs": (True, 0, math.inf, False, False),
     "teacher.epochs": (True, 0, math.inf, False, False),
     "train.batch_size": (True, 1, math.inf, False, False),
@@ -57,7 +59,7 @@ def _check_range(cfg: DictConfig, key: str, integer: bool, low: float, high: flo
     if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
         return  # null where allowed, or a key this tool's config does not have
     kind = "an integer" if integer else "a number"
-    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:.10g}" if high < math.inf else "")
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not math.isfinite(value):
         raise ConfigError(f"{key}={value!r}: use {kind} {bounds}" + (" or null" if nullable else ""))
@@ -108,6 +110,52 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(str(err)) from None
     if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
         raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
+    if not cfg.teacher.ckpt and cfg.teacher.epochs == 0 and not OmegaConf.select(cfg, "pretrained", default=""):
+        raise ConfigError("teacher.epochs=0 without teacher.ckpt would use an untrained teacher; "
+                          "give teacher.ckpt=PATH or teacher.epochs >= 1")
+    for key in ("model.name", "teacher.model"):
+        _check_model(cfg, key)
+
+
+def _check_model(cfg: DictConfig, key: str) -> None:
+    """The architecture and its `model.*` arguments build (a tiny throwaway instance)."""
+    name = OmegaConf.select(cfg, key)
+    args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "width")}
+    width = cfg.model.width if key == "model.name" else cfg.teacher.width
+    try:
+        create_model(name, num_classes=2, width=width, **args)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key}={name}: {str(err).splitlines()[0]}") from None
+
+
+# Keys no config file holds that a `+key=value` override may add: each is read somewhere.
+# (`+model.<argument>=` passes an argument to the architecture: `_check_model` validates it.)
+OPTIONAL_KEYS = ("student.ckpt", "compare_backends")
+
+
+def _dotted_keys(tree: object, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, value in tree.items() for k in _dotted_keys(value, f"{prefix}{key}.")]
+    return [prefix[:-1]]
+
+
+def check_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuses a `+key=value` that nothing reads (a typo such as `+train.epoch=5`), naming the closest key.
+
+    Hydra itself refuses unknown keys without `+`, and suggests the `+` form: which would then
+    add the key silently, while the run uses the default of the key that was meant.
+    """
+    known = [k for k in _dotted_keys(OmegaConf.to_container(cfg)) if not k.startswith("hydra.")]
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override[1:].split("=", 1)[0].strip()
+        if key in OPTIONAL_KEYS or key.startswith("model."):
+            continue
+        added = {key} | {k for k in known if k.startswith(key + ".")}
+        close = difflib.get_close_matches(key, [k for k in known if k not in added], n=1, cutoff=0.6)
+        raise ConfigError(f"+{key}: no such key" + (f"; did you mean {close[0]}?" if close else "")
+                          + " (without '+' to set an existing key)")
 
 
 def pick_device(name: str) -> torch.device:

@@ -34,6 +34,7 @@ from models import atomic_write, create_model, load_checkpoint
 from models.neighbors import shared_neighborhoods
 
 from runtime.config import ConfigError, wants_resume
+from runtime.exits import STOP
 from runtime.logger import RunLogger, progress
 from runtime.measure import latency_ms
 
@@ -84,6 +85,9 @@ def build_data(cfg: DictConfig) -> Data:
     workers = cfg.train.num_workers
     test_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed)
     rank, world = distributed.rank(), distributed.world_size()
+    if cfg.train.batch_size > len(train):  # drop_last: not one step would run, and nothing would say so
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split "
+                          f"({len(train)} clouds): no full batch, no step; use train.batch_size <= {len(train)}")
     if world == 1:
         train_loader = data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed,
                                          drop_last=True)
@@ -170,10 +174,12 @@ def run_engine(
         extra_state={"phase": phase, "cfg": OmegaConf.to_container(cfg, resolve=True)},
         # Teacher and student search the same clouds' neighbourhoods: computed once per step.
         step_context=shared_neighborhoods if teacher is not None else None,
+        should_stop=STOP.requested,  # SIGTERM/SIGINT: finish the step, checkpoint, stop (runtime/exits.py)
     )
     if wants_resume(cfg) and engine.resume():
         logger.console(f"resumed {phase} from {engine.checkpoint_path} at epoch {engine.epoch}")
-    engine.fit()
+    with STOP.deferred():
+        engine.fit()
     return engine
 
 
@@ -192,6 +198,12 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
     }
     keyed["dataset"].pop("num_workers", None)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_teacher_ckpt(cfg: DictConfig, d: Data) -> None:
+    """Loads `teacher.ckpt` into a throwaway model: a bad file fails before the run writes anything."""
+    if cfg.teacher.ckpt:
+        load_checkpoint(build_model(cfg.teacher.model, cfg.teacher.width, cfg, d), cfg.teacher.ckpt)
 
 
 def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, device: torch.device) -> tuple[nn.Module, str]:
@@ -213,15 +225,34 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, d
     logger.console(f"training the FP32 teacher for {cfg.teacher.epochs} epochs (cached for later runs)")
     seed_everything(cfg.seed)
     model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d).to(device)
-    run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.optim.lr, phase="teacher", run_dir=run_dir,
-               logger=logger, device=device, tag="fp32")
+    engine = run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.optim.lr, phase="teacher", run_dir=run_dir,
+                        logger=logger, device=device, tag="fp32")
     model = model.cpu()
+    degenerate = teacher_degeneracy(engine, d.num_classes)
+    if degenerate:
+        logger.console(f"warning: the teacher trained here is not cached: {degenerate}")
     if distributed.is_main():  # every rank holds the same teacher; one writes it
         atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, final)
-        if cfg.teacher.cache:
+        if cfg.teacher.cache and not degenerate:
             atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
     distributed.barrier()
     return model.eval(), "trained in this run"
+
+
+def teacher_degeneracy(engine: Engine, num_classes: int) -> str:
+    """Why a freshly trained teacher must not be cached for other runs ('' if it may).
+
+    A cached teacher is reused silently by every later run with the same settings, so only one
+    that trained every epoch (at least one optimizer step each) and beats chance on validation
+    data is kept.
+    """
+    if engine.epoch < engine.config.epochs or engine.step < engine.config.epochs:
+        return f"{engine.step} optimizer steps in {engine.epoch} of {engine.config.epochs} epochs"
+    chance = 100.0 / num_classes
+    oa = engine.history[-1].get(f"val/oa_{engine.config.tag}") if engine.history else None
+    if oa is not None and oa <= chance:
+        return f"its validation OA {oa:.2f}% is not above chance ({chance:.2f}%); train it longer (teacher.epochs)"
+    return ""
 
 
 def init_student(cfg: DictConfig, d: Data, teacher: nn.Module) -> nn.Module:

@@ -129,7 +129,7 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_chec
 
     run = workdir / "nan"
     proc = faulty(workdir, f"nan_from:{STEPS_PER_EPOCH + 1}", run)  # epoch 0 trains, epoch 1 diverges at once
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a user-facing stop: runtime/exits.py
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite loss") and "epoch 1 step 0" in last, proc.stderr[-2000:]
     kept = torch.load(run / "student" / "last.pt", weights_only=True)  # the checkpoint written after epoch 0

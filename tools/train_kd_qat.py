@@ -16,29 +16,31 @@ batch), rank 0 alone writes files and logs, converts and measures. A worker rest
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill import distributed
 from distill import seed_everything
 from runtime.logger import RunLogger
 from runtime import pipeline
-from runtime.config import USER_ERRORS, check_launch, pick_device, validate_config
+from runtime.config import check_launch, check_overrides, pick_device, validate_config, wants_resume
+from runtime.exits import main_guard
+from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.report import print_results_table
 from runtime.workflow import quantize
 
 
 @hydra.main(config_path="../configs", config_name="train_kd_qat", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # bad input: one line, exit 2; SIGTERM/SIGINT: checkpoint, one line saying how to resume (runtime/exits.py)
     try:
-        run(cfg)
-    except USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
-        sys.exit(f"error: {err}")
+        main_guard(lambda: run(cfg), resume_hint=lambda: f"the same command with resume=true "
+                                                         f"hydra.run.dir={HydraConfig.get().runtime.output_dir}",
+                   on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
     finally:
         distributed.shutdown()
 
@@ -47,16 +49,21 @@ def run(cfg: DictConfig) -> None:
     # ---- set-up: validate everything before any work, then data and logging -------------------
     hydra_cfg = HydraConfig.get()
     validate_config(cfg)
+    check_overrides(cfg, hydra_cfg.overrides.task)
     check_launch(cfg, run_dir_given=any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra))
     # torchrun: join the process group (gloo on CPU, nccl on CUDA: one GPU per local rank), and
     # use rank 0's run directory everywhere (each rank computed its own timestamp).
     _, device = distributed.init_distributed(pick_device(cfg.device))
     run_dir = Path(str(distributed.broadcast_object(hydra_cfg.runtime.output_dir)))
-    if distributed.is_main():
-        pipeline.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    # The run directory: locked for this run, checked (no clobbering, config compared on resume).
+    # Rank 0 owns it; a worker torchrun restarted resumes by itself (runtime/rundir.py).
+    owner = RunDirectory.open(run_dir, cfg, resume=wants_resume(cfg)) if distributed.is_main() else None
     seed_everything(cfg.seed)
+    d = pipeline.build_data(cfg)  # validates the data (and train.batch_size against the split)
+    pipeline.check_teacher_ckpt(cfg, d)
+    if owner is not None:  # every check passed: the first byte written into the run directory
+        owner.write_config(cfg)
     logger = RunLogger(cfg, run_dir)
-    d = pipeline.build_data(cfg)
     logger.console(f"{cfg.dataset.name}: {len(d.train)} train / {len(d.test)} test clouds, "
                    f"{d.num_classes} classes, {d.num_points} points; run dir {run_dir}"
                    + (f"; {distributed.world_size()} processes × {cfg.train.batch_size // distributed.world_size()} clouds per step"
