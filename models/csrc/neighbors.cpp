@@ -1,0 +1,178 @@
+// Neighbour search of PointNet++ / PointNeXt as compiled CPU operators (`torch.ops.kdqat_C`).
+//
+// These are loop-for-loop CPU versions of `models/neighbors.py`'s pure-PyTorch reference, which
+// itself reproduces the pointnet2 CUDA kernels (OpenPoints' `pointnet2_batch`). Every index they
+// return must equal the reference's, so the arithmetic is the reference's, operation by
+// operation: squared distances are ((dx*dx + dy*dy) + dz*dz) in the input's dtype, never fused
+// into multiply-adds (setup.py compiles with -ffp-contract=off), and comparisons are the same
+// strict ones. Why a compiled version at all: farthest point sampling is npoint sequential
+// steps, ~1000 small torch ops per call in Python, and neighbour search dominated int8
+// inference time.
+//
+// Registered with the dispatcher (TORCH_LIBRARY below), so the ops work from Python, from
+// TorchScript (once this library is loaded with `torch.ops.load_library`), and through
+// torch.export / torch.compile with the fake kernels that `models/_kernels.py` registers.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace kdqat {
+namespace {
+
+// Point indices in the order the CUDA FPS kernel prefers them on exact ties.
+//
+// The kernel runs T threads (largest power of two <= N, at most 1024); thread t scans points
+// t, t+T, t+2T, ... keeping its first maximum, then a tree reduction keeps the lower slot unless
+// the upper one is strictly larger. Among equal distances the winner is the point whose thread
+// number, bit-reversed, is smallest, then the lowest index. Listing threads by increasing
+// bit-reversed number, each with its points in index order, gives that preference directly.
+std::vector<int64_t> cuda_tie_order(int64_t num_points) {
+  int bits = 0;
+  while (bits < 10 && (int64_t{2} << bits) <= num_points) {
+    ++bits;
+  }
+  const int64_t threads = int64_t{1} << bits;
+  std::vector<int64_t> order;
+  order.reserve(num_points);
+  for (int64_t rank = 0; rank < threads; ++rank) {
+    int64_t thread = 0;
+    for (int bit = 0; bit < bits; ++bit) {
+      thread |= ((rank >> bit) & 1) << (bits - 1 - bit);
+    }
+    for (int64_t k = thread; k < num_points; k += threads) {
+      order.push_back(k);
+    }
+  }
+  return order;
+}
+
+// One cloud: picks `npoint` indices into `out` (see furthest_point_sample for the semantics).
+template <typename scalar_t>
+void fps_cloud(const scalar_t* xyz, int64_t num_points, int64_t npoint, const std::vector<int64_t>& order,
+               int64_t* out) {
+  // Coordinates as three planes in tie-preference order: "first maximum" then is the kernel's winner.
+  std::vector<scalar_t> px(num_points), py(num_points), pz(num_points);
+  for (int64_t i = 0; i < num_points; ++i) {
+    const scalar_t* p = xyz + 3 * order[i];
+    px[i] = p[0];
+    py[i] = p[1];
+    pz[i] = p[2];
+  }
+  std::vector<scalar_t> min_dist(num_points, static_cast<scalar_t>(1e10));  // the kernel's `temp`
+  int64_t last = 0;  // point 0 is first in `order`
+  out[0] = 0;
+  for (int64_t step = 1; step < npoint; ++step) {
+    const scalar_t x1 = px[last], y1 = py[last], z1 = pz[last];
+    int64_t best_i = 0;
+    scalar_t best = 0;
+    for (int64_t i = 0; i < num_points; ++i) {
+      const scalar_t dx = px[i] - x1, dy = py[i] - y1, dz = pz[i] - z1;
+      const scalar_t d = dx * dx + dy * dy + dz * dz;
+      // torch.minimum, NaN included: a NaN distance sticks.
+      const scalar_t m = (d < min_dist[i] || std::isnan(d)) ? d : min_dist[i];
+      min_dist[i] = m;
+      // torch.argmax: the first maximum, a NaN counting as larger than any number.
+      if (i == 0 || m > best || (std::isnan(m) && !std::isnan(best))) {
+        best = m;
+        best_i = i;
+      }
+    }
+    last = best_i;
+    out[step] = order[last];
+  }
+}
+
+at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
+  TORCH_CHECK(xyz.dim() == 3 && xyz.size(2) == 3, "furthest_point_sample: xyz must be (B, N, 3), got ",
+              xyz.sizes());
+  const int64_t batch = xyz.size(0), num_points = xyz.size(1);
+  TORCH_CHECK_VALUE(1 <= npoint && npoint <= num_points, "furthest_point_sample: npoint=", npoint,
+                    " must be in [1, ", num_points, "]");
+  const at::Tensor points = xyz.contiguous();
+  at::Tensor out = at::empty({batch, npoint}, xyz.options().dtype(at::kLong));
+  const std::vector<int64_t> order = cuda_tie_order(num_points);
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "furthest_point_sample", [&] {
+    const scalar_t* data = points.const_data_ptr<scalar_t>();
+    int64_t* picked = out.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        fps_cloud(data + b * num_points * 3, num_points, npoint, order, picked + b * npoint);
+      }
+    });
+  });
+  return out;
+}
+
+// One ball: the first `nsample` support indices within the radius (see ball_query).
+template <typename scalar_t>
+void ball_one(const scalar_t* support, int64_t num_support, const scalar_t* centre, scalar_t r2, int64_t nsample,
+              int64_t* out) {
+  int64_t count = 0;
+  for (int64_t k = 0; k < num_support && count < nsample; ++k) {
+    const scalar_t dx = centre[0] - support[3 * k], dy = centre[1] - support[3 * k + 1],
+                   dz = centre[2] - support[3 * k + 2];
+    if (dx * dx + dy * dy + dz * dz < r2) {
+      if (count == 0) {
+        std::fill(out, out + nsample, k);  // padding: the first neighbour found
+      }
+      out[count++] = k;
+    }
+  }
+  if (count == 0) {
+    std::fill(out, out + nsample, int64_t{0});  // the kernel's zero-initialised output
+  }
+}
+
+at::Tensor ball_query(const at::Tensor& support_xyz, const at::Tensor& query_xyz, double radius, int64_t nsample) {
+  TORCH_CHECK(support_xyz.dim() == 3 && support_xyz.size(2) == 3 && query_xyz.dim() == 3 && query_xyz.size(2) == 3 &&
+                  support_xyz.size(0) == query_xyz.size(0),
+              "ball_query: support_xyz must be (B, N, 3) and query_xyz (B, M, 3), got ", support_xyz.sizes(), " and ",
+              query_xyz.sizes());
+  TORCH_CHECK(support_xyz.scalar_type() == query_xyz.scalar_type(), "ball_query: support_xyz and query_xyz dtypes ",
+              "differ (", support_xyz.scalar_type(), " vs ", query_xyz.scalar_type(), ")");
+  TORCH_CHECK_VALUE(nsample >= 0, "ball_query: nsample=", nsample, " must be >= 0");
+  const int64_t batch = support_xyz.size(0), num_support = support_xyz.size(1), num_query = query_xyz.size(1);
+  const at::Tensor support = support_xyz.contiguous(), query = query_xyz.contiguous();
+  at::Tensor out = at::empty({batch, num_query, nsample}, support_xyz.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(support.scalar_type(), "ball_query", [&] {
+    // radius² in double, then rounded to the input dtype: what `sq_dist < radius * radius` does in torch.
+    const scalar_t r2 = static_cast<scalar_t>(radius * radius);
+    const scalar_t* s = support.const_data_ptr<scalar_t>();
+    const scalar_t* q = query.const_data_ptr<scalar_t>();
+    int64_t* idx = out.mutable_data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, num_support));
+    at::parallel_for(0, batch * num_query, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / num_query;
+        ball_one(s + b * num_support * 3, num_support, q + row * 3, r2, nsample, idx + row * nsample);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace kdqat
+
+TORCH_LIBRARY(kdqat_C, m) {
+  m.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor");
+  m.def("ball_query(Tensor support_xyz, Tensor query_xyz, float radius, int nsample) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdqat_C, CPU, m) {
+  m.impl("furthest_point_sample", &kdqat::furthest_point_sample);
+  m.impl("ball_query", &kdqat::ball_query);
+}
+
+// `import models._C` only has to load this library (which registers the ops above); it
+// defines no Python functions. `torch.ops.load_library` loads the same file without Python.
+static struct PyModuleDef kdqat_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kdqat_module); }
