@@ -198,8 +198,7 @@ def int8_model():
     return qat.convert(prepared), clouds(3, 11)
 
 
-@needs_kernels
-@pytest.mark.parametrize("mode", ["portable", "kernels"])
+@pytest.mark.parametrize("mode", ["portable", pytest.param("kernels", marks=needs_kernels)])
 def test_int8_artifact_loads_in_a_bare_interpreter_and_gives_the_same_logits(int8_model, mode, tmp_path):
     from qat.export import export_int8, load_int8, read_sidecar
 
