@@ -19,8 +19,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace kdqat {
@@ -53,38 +56,68 @@ std::vector<int64_t> cuda_tie_order(int64_t num_points) {
   return order;
 }
 
+// Signed integer of the same width as a float type, to order distances by their bits.
+template <typename scalar_t>
+struct Bits;
+template <>
+struct Bits<float> {
+  using type = int32_t;
+};
+template <>
+struct Bits<double> {
+  using type = int64_t;
+};
+
 // One cloud: picks `npoint` indices into `out` (see furthest_point_sample for the semantics).
+//
+// Each step is split into simple loops that the compiler vectorises (for float32): update the
+// distances, turn them into integer keys, take the largest key, find its first occurrence.
+// Keys: distances are sums of squares, +0 or more (never -0), and non-negative floats order
+// like their bit patterns read as signed integers; every NaN gets the largest key, so NaN wins
+// and the first NaN is taken, as torch.argmax does.
 template <typename scalar_t>
 void fps_cloud(const scalar_t* xyz, int64_t num_points, int64_t npoint, const std::vector<int64_t>& order,
                int64_t* out) {
+  using key_t = typename Bits<scalar_t>::type;
   // Coordinates as three planes in tie-preference order: "first maximum" then is the kernel's winner.
-  std::vector<scalar_t> px(num_points), py(num_points), pz(num_points);
+  std::vector<scalar_t> planes(3 * num_points);
+  scalar_t* __restrict px = planes.data();
+  scalar_t* __restrict py = px + num_points;
+  scalar_t* __restrict pz = py + num_points;
   for (int64_t i = 0; i < num_points; ++i) {
     const scalar_t* p = xyz + 3 * order[i];
     px[i] = p[0];
     py[i] = p[1];
     pz[i] = p[2];
   }
-  std::vector<scalar_t> min_dist(num_points, static_cast<scalar_t>(1e10));  // the kernel's `temp`
+  std::vector<scalar_t> min_dist_buffer(num_points, static_cast<scalar_t>(1e10));  // the kernel's `temp`
+  std::vector<key_t> key_buffer(num_points);
+  scalar_t* __restrict min_dist = min_dist_buffer.data();
+  key_t* __restrict keys = key_buffer.data();
   int64_t last = 0;  // point 0 is first in `order`
   out[0] = 0;
   for (int64_t step = 1; step < npoint; ++step) {
     const scalar_t x1 = px[last], y1 = py[last], z1 = pz[last];
-    int64_t best_i = 0;
-    scalar_t best = 0;
     for (int64_t i = 0; i < num_points; ++i) {
       const scalar_t dx = px[i] - x1, dy = py[i] - y1, dz = pz[i] - z1;
       const scalar_t d = dx * dx + dy * dy + dz * dz;
-      // torch.minimum, NaN included: a NaN distance sticks.
-      const scalar_t m = (d < min_dist[i] || std::isnan(d)) ? d : min_dist[i];
-      min_dist[i] = m;
-      // torch.argmax: the first maximum, a NaN counting as larger than any number.
-      if (i == 0 || m > best || (std::isnan(m) && !std::isnan(best))) {
-        best = m;
-        best_i = i;
-      }
+      const scalar_t previous = min_dist[i];
+      min_dist[i] = ((d < previous) | (d != d)) ? d : previous;  // torch.minimum: a NaN sticks
     }
-    last = best_i;
+    for (int64_t i = 0; i < num_points; ++i) {
+      const scalar_t m = min_dist[i];
+      const key_t nan = -static_cast<key_t>(m != m);
+      keys[i] = std::bit_cast<key_t>(m) | (nan & std::numeric_limits<key_t>::max());
+    }
+    key_t best = 0;
+    for (int64_t i = 0; i < num_points; ++i) {
+      best = keys[i] > best ? keys[i] : best;
+    }
+    int64_t i = 0;
+    while (keys[i] != best) {
+      ++i;
+    }
+    last = i;
     out[step] = order[last];
   }
 }
