@@ -144,18 +144,35 @@ at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
 }
 
 // One ball: the first `nsample` support indices within the radius (see ball_query).
+//
+// Support points come as three coordinate planes; blocks of them are tested by a vectorised
+// loop into a mask, then the mask is scanned in index order, stopping once the ball is full.
 template <typename scalar_t>
-void ball_one(const scalar_t* support, int64_t num_support, const scalar_t* centre, scalar_t r2, int64_t nsample,
-              int64_t* out) {
+void ball_one(const scalar_t* __restrict px, const scalar_t* __restrict py, const scalar_t* __restrict pz,
+              int64_t num_support, const scalar_t* centre, scalar_t r2, int64_t nsample, int64_t* out) {
+  using mask_t = typename Bits<scalar_t>::type;
+  constexpr int64_t kBlock = 64;
+  mask_t inside[kBlock];
+  const scalar_t cx = centre[0], cy = centre[1], cz = centre[2];
   int64_t count = 0;
-  for (int64_t k = 0; k < num_support && count < nsample; ++k) {
-    const scalar_t dx = centre[0] - support[3 * k], dy = centre[1] - support[3 * k + 1],
-                   dz = centre[2] - support[3 * k + 2];
-    if (dx * dx + dy * dy + dz * dz < r2) {
-      if (count == 0) {
-        std::fill(out, out + nsample, k);  // padding: the first neighbour found
+  for (int64_t start = 0; start < num_support && count < nsample; start += kBlock) {
+    const int64_t size = std::min(kBlock, num_support - start);
+    mask_t any = 0;
+    for (int64_t j = 0; j < size; ++j) {
+      const scalar_t dx = cx - px[start + j], dy = cy - py[start + j], dz = cz - pz[start + j];
+      inside[j] = static_cast<mask_t>(dx * dx + dy * dy + dz * dz < r2);
+      any |= inside[j];
+    }
+    if (!any) {  // most blocks of a small ball: nothing to scan
+      continue;
+    }
+    for (int64_t j = 0; j < size && count < nsample; ++j) {
+      if (inside[j]) {
+        if (count == 0) {
+          std::fill(out, out + nsample, start + j);  // padding: the first neighbour found
+        }
+        out[count++] = start + j;
       }
-      out[count++] = k;
     }
   }
   if (count == 0) {
@@ -172,19 +189,22 @@ at::Tensor ball_query(const at::Tensor& support_xyz, const at::Tensor& query_xyz
               "differ (", support_xyz.scalar_type(), " vs ", query_xyz.scalar_type(), ")");
   TORCH_CHECK_VALUE(nsample >= 0, "ball_query: nsample=", nsample, " must be >= 0");
   const int64_t batch = support_xyz.size(0), num_support = support_xyz.size(1), num_query = query_xyz.size(1);
-  const at::Tensor support = support_xyz.contiguous(), query = query_xyz.contiguous();
+  const at::Tensor planes = support_xyz.transpose(1, 2).contiguous();  // (B, 3, N)
+  const at::Tensor query = query_xyz.contiguous();
   at::Tensor out = at::empty({batch, num_query, nsample}, support_xyz.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(support.scalar_type(), "ball_query", [&] {
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ball_query", [&] {
     // radius² in double, then rounded to the input dtype: what `sq_dist < radius * radius` does in torch.
     const scalar_t r2 = static_cast<scalar_t>(radius * radius);
-    const scalar_t* s = support.const_data_ptr<scalar_t>();
+    const scalar_t* s = planes.const_data_ptr<scalar_t>();
     const scalar_t* q = query.const_data_ptr<scalar_t>();
     int64_t* idx = out.mutable_data_ptr<int64_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, num_support));
     at::parallel_for(0, batch * num_query, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / num_query;
-        ball_one(s + b * num_support * 3, num_support, q + row * 3, r2, nsample, idx + row * nsample);
+        const scalar_t* px = s + b * num_support * 3;
+        ball_one(px, px + num_support, px + 2 * num_support, num_support, q + row * 3, r2, nsample,
+                 idx + row * nsample);
       }
     });
   });
