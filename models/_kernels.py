@@ -78,6 +78,11 @@ def script(obj: Any, kernels: bool) -> Any:
     `torch.jit.script` would reuse whichever variant was scripted first in this process. With
     `kernels=True` the neighbour functions and the module's types are compiled afresh, and the
     cache is left as it was, so later default scripting is still the portable variant.
+    torch offers no public way to do either: this uses `torch.jit._state._jit_caching_layer`
+    and `_recursive.create_script_module(share_types=False)` (unshared module types make the
+    kernels artifact ~20 % larger before compression). tests/test_models_kernels.py checks both
+    variants against each other and in a bare interpreter, so a torch upgrade that moves these
+    internals fails there.
     """
     if not kernels:
         return torch.jit.script(obj)

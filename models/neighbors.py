@@ -240,6 +240,9 @@ def ball_query(
     How (see `_ball_query_chunk`): one batched matrix multiply finds candidates with a margin
     far above its rounding error, the few candidates are re-tested with the kernel's
     arithmetic, and their order is already the index order, so no sort or top-k is needed.
+    The compiled op (CPU, `models._kernels`) scans the support points in index order instead;
+    it differs only on non-finite coordinates, where it follows the kernel (a NaN or infinite
+    point is in no ball) while this reference's matmul prefilter empties every ball of that cloud.
 
     Args:
         radius: Ball radius.

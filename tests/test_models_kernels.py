@@ -165,6 +165,21 @@ def test_fake_kernels_pass_opcheck():
 
 
 @needs_kernels
+def test_torch_export_keeps_the_compiled_ops_as_single_nodes():
+    class Neighbourhoods(torch.nn.Module):
+        def forward(self, xyz: torch.Tensor) -> torch.Tensor:
+            centres = N.gather_points(xyz, N.furthest_point_sample(xyz, 16))
+            return N.ball_query(0.3, 8, xyz, centres)
+
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(12))
+    program = torch.export.export(Neighbourhoods(), (xyz,))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count("kdqat_C.furthest_point_sample.default") == 1
+    assert targets.count("kdqat_C.ball_query.default") == 1
+    assert torch.equal(program.module()(xyz), Neighbourhoods()(xyz))
+
+
+@needs_kernels
 def test_scripting_chooses_the_ops_per_call_and_leaves_default_scripts_portable():
     xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(9))
     portable = torch.jit.script(N.furthest_point_sample)
