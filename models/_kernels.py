@@ -2,7 +2,8 @@
 
 `models/neighbors.py` calls `torch.ops.kdqat_C.furthest_point_sample` / `.ball_query` when the
 extension imports, and its pure-PyTorch reference otherwise: both give identical indices (the
-C++ repeats the reference's float arithmetic), the compiled ones 5-20x faster on CPU. The
+C++ repeats the reference's float arithmetic), the compiled ones several to tens of times
+faster on CPU (`python tools/bench_neighbors.py` prints both side by side). The
 extension is optional: without it (no compiler, a CUDA-only install) everything still runs.
 
 Three switches, because the call sites differ:
