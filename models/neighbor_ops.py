@@ -5,7 +5,8 @@ steps into thousands of nodes (~12k for PointNeXt-S at 1024 points) and bake the
 into the program. Declared as custom ops with a fake (shape-only) implementation, FPS and ball
 query appear as one node each (`torch.ops.kdqat.furthest_point_sample`, `.ball_query`) that
 export, the PT2E quantizer and Inductor pass through untouched; the real implementation is
-`models/neighbors.py`'s, unchanged, at run time.
+`models/neighbors.py`'s, unchanged, at run time (so the compiled CPU kernels of `models._C`
+when they are built, the pure-PyTorch reference otherwise).
 
 Only the *index* computations are opaque. The gathers, relative positions and concatenations
 of `sample_and_group` / `local_group` stay ordinary aten ops in the exported graph: they are

@@ -1,9 +1,13 @@
-"""Neighbour operations of PointNet++ / PointNeXt in pure PyTorch.
+"""Neighbour operations of PointNet++ / PointNeXt, in pure PyTorch and as compiled CPU ops.
 
 Farthest point sampling, ball query and grouping with the semantics of the pointnet2 CUDA
 kernels that OpenPoints compiles (`openpoints/cpp/pointnet2_batch`), so that models trained
-with OpenPoints on a GPU give the same neighbourhoods here, on CPU or CUDA, with no
-compiled extension.
+with OpenPoints on a GPU give the same neighbourhoods here, on CPU or CUDA. The pure-PyTorch
+functions below are the reference and the fallback; when the optional extension `models._C`
+is built, eager FPS and ball query on CPU call its C++ loops instead (identical indices, much
+faster: `models/_kernels.py` says when, `models/csrc/neighbors.cpp` how). Grouping stays a
+torch `index_select`: it measured within 1-2x of a plain copy of its own output, the floor any
+compiled gather could reach, so a compiled one was not worth a second implementation.
 
 These functions contain data-dependent Python (loops, shape arithmetic), so they must never be
 traced op by op: `models/pointnext.py` declares the composite ops below (`sample_and_group`,
@@ -31,6 +35,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from . import _kernels
 
 __all__ = [
     "NeighborhoodMemo",
@@ -182,9 +188,20 @@ def furthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
     Returns:
         Indices into N, (B, npoint), int64.
     """
-    if not torch.jit.is_scripting():  # folded away by the TorchScript compiler: the memo is Python only
+    if torch.jit.is_scripting():  # a compile-time constant, as is the flag: see `_kernels.script`
+        if _kernels.SCRIPT_KERNELS:
+            return torch.ops.kdqat_C.furthest_point_sample(xyz, npoint)
+    else:  # Python only: the memo and the eager choice of implementation
         if _memoizing():
-            return _memoized(("fps", npoint), (xyz,), _furthest_point_sample, xyz, npoint)
+            return _memoized(("fps", npoint), (xyz,), _eager_furthest_point_sample, xyz, npoint)
+        return _eager_furthest_point_sample(xyz, npoint)
+    return _furthest_point_sample(xyz, npoint)
+
+
+def _eager_furthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
+    """The compiled op where it applies (`models._kernels.use_kernels`), else the reference below."""
+    if _kernels.use_kernels(xyz):
+        return torch.ops.kdqat_C.furthest_point_sample(xyz, npoint)
     return _furthest_point_sample(xyz, npoint)
 
 
@@ -224,6 +241,9 @@ def ball_query(
     How (see `_ball_query_chunk`): one batched matrix multiply finds candidates with a margin
     far above its rounding error, the few candidates are re-tested with the kernel's
     arithmetic, and their order is already the index order, so no sort or top-k is needed.
+    The compiled op (CPU, `models._kernels`) scans the support points in index order instead;
+    it differs only on non-finite coordinates, where it follows the kernel (a NaN or infinite
+    point is in no ball) while this reference's matmul prefilter empties every ball of that cloud.
 
     Args:
         radius: Ball radius.
@@ -236,10 +256,21 @@ def ball_query(
     Returns:
         Indices into N, (B, M, nsample), int64.
     """
-    if not torch.jit.is_scripting():  # folded away by the TorchScript compiler: the memo is Python only
+    if torch.jit.is_scripting():  # a compile-time constant, as is the flag: see `_kernels.script`
+        if _kernels.SCRIPT_KERNELS:
+            return torch.ops.kdqat_C.ball_query(support_xyz, query_xyz, float(radius), nsample)
+    else:  # Python only: the memo and the eager choice of implementation
         if _memoizing():
             return _memoized(("ball_query", radius, nsample, max_elements), (support_xyz, query_xyz),
-                             _ball_query, radius, nsample, support_xyz, query_xyz, max_elements)
+                             _eager_ball_query, radius, nsample, support_xyz, query_xyz, max_elements)
+        return _eager_ball_query(radius, nsample, support_xyz, query_xyz, max_elements)
+    return _ball_query(radius, nsample, support_xyz, query_xyz, max_elements)
+
+
+def _eager_ball_query(radius: float, nsample: int, support_xyz: Tensor, query_xyz: Tensor, max_elements: int) -> Tensor:
+    """The compiled op where it applies (it needs no chunking: no (B, M, N) matrix), else the reference."""
+    if _kernels.use_kernels(support_xyz, query_xyz):
+        return torch.ops.kdqat_C.ball_query(support_xyz, query_xyz, float(radius), nsample)
     return _ball_query(radius, nsample, support_xyz, query_xyz, max_elements)
 
 

@@ -8,6 +8,13 @@ loads with plain `torch.jit.load` in a process that has never seen this project,
 raw point clouds end to end, neighbour search included (the neighbour ops in `models/neighbors.py`
 are written to be scriptable for exactly this reason).
 
+Two modes. `portable` (the default) scripts the pure-PyTorch neighbour ops: the file needs
+nothing but torch. `kernels` scripts calls to the compiled ops (`torch.ops.kdqat_C.*`, see
+`models/_kernels.py`), copies their library beside the artifact and names it in the sidecar
+(`"kernels"`, with a `"load"` hint): a process loads that library with
+`torch.ops.load_library` before `torch.jit.load` (`load_int8` does), and then needs no project
+code either, only a torch build ABI-compatible with the one that compiled the library.
+
 Trust: `torch.jit.load` executes the code inside the archive. Load int8 artifacts only from
 sources you trust, as you would a Python script; checkpoints, by contrast, are always read
 with `weights_only=True`.
@@ -18,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -26,12 +34,12 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from models import atomic_write
+from models import _kernels, atomic_write
 
 from .spec import QConfigSpec
 
-__all__ = ["export_int8", "load_int8", "read_sidecar", "write_sidecar", "sidecar_path", "file_size_mb",
-           "packed_size_mb"]
+__all__ = ["MODES", "export_int8", "load_int8", "load_kernels", "read_sidecar", "write_sidecar", "sidecar_path",
+           "file_size_mb", "packed_size_mb"]
 
 
 @contextlib.contextmanager
@@ -48,6 +56,9 @@ def _torchscript_warnings_silenced() -> Iterator[None]:
 def sidecar_path(artifact: str | Path) -> Path:
     """`model_int8.pt` → `model_int8.json`."""
     return Path(artifact).with_suffix(".json")
+
+
+MODES = ("portable", "kernels")
 
 
 def _save_compact(scripted: torch.jit.ScriptModule, path: str) -> None:
@@ -75,30 +86,69 @@ def write_sidecar(artifact: Path, info: dict[str, Any]) -> None:
     atomic_write(sidecar_path(artifact), lambda tmp: Path(tmp).write_text(text))
 
 
-def export_int8(model: nn.Module, path: str | Path, sidecar: dict[str, Any]) -> Path:
+def export_int8(model: nn.Module, path: str | Path, sidecar: dict[str, Any], mode: str = "portable") -> Path:
     """Scripts `model` (a `convert_fx` output) to `path` and writes the JSON sidecar beside it.
 
     Args:
         model: The converted int8 model, called as `model(xyz, feats=None)`.
         path: Destination `.pt` file; written atomically, as is the sidecar.
         sidecar: Class names, number of points, input layout, metrics, ... (JSON-serialisable).
+        mode: `portable` (pure-PyTorch neighbour ops) or `kernels` (compiled ones, their library
+            copied beside the artifact as `<stem>_kdqat_C.so`); see the module docstring.
 
     Returns:
         The artifact's path.
     """
+    if mode not in MODES:
+        raise ValueError(f"export_int8: mode={mode!r}; use one of {MODES}")
     path = Path(path)
+    kernels = mode == "kernels"
     with _torchscript_warnings_silenced():
-        scripted = torch.jit.script(model.eval())
+        scripted = _kernels.script(model.eval(), kernels=kernels)
         atomic_write(path, lambda tmp: _save_compact(scripted, tmp))
-    write_sidecar(path, {"artifact": path.name, "format": "torchscript", "size_mb": file_size_mb(path), **sidecar})
+    extra: dict[str, Any] = {}
+    if kernels:
+        library = path.with_name(f"{path.stem}_kdqat_C.so")
+        atomic_write(library, lambda tmp: shutil.copyfile(_kernels.library_path(), tmp))
+        extra = {"kernels": library.name, "load": f"torch.ops.load_library('{library.name}')"}
+    write_sidecar(path, {"artifact": path.name, "format": "torchscript", "size_mb": file_size_mb(path), **extra,
+                         **sidecar})
     return path
 
 
+def load_kernels(path: str | Path) -> None:
+    """Loads the compiled-ops library a `kernels`-mode artifact names in its sidecar (else nothing).
+
+    Skipped when the ops are already registered in this process (the project's own `models._C`,
+    or an earlier call): a second library would register the `kdqat_C` namespace twice.
+    """
+    path = Path(path)
+    if not sidecar_path(path).is_file():
+        return
+    library = read_sidecar(path).get("kernels")
+    if library is None or _kernel_ops_registered():
+        return
+    library_file = path.parent / library
+    if not library_file.is_file():
+        raise FileNotFoundError(f"int8 artifact {path.name} needs its compiled ops {library_file}, named in "
+                                f"{sidecar_path(path).name}; copy it beside the artifact or re-export with mode='portable'")
+    torch.ops.load_library(str(library_file))
+
+
+def _kernel_ops_registered() -> bool:
+    try:
+        torch.ops.kdqat_C.furthest_point_sample
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def load_int8(path: str | Path) -> torch.jit.ScriptModule:
-    """Loads a trusted int8 artifact on CPU (fbgemm kernels are CPU-only)."""
+    """Loads a trusted int8 artifact on CPU (fbgemm kernels are CPU-only), its compiled ops first if any."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"int8 artifact {path}: no such file; pass the model_int8.pt of a run directory")
+    load_kernels(path)
     with _torchscript_warnings_silenced():
         return torch.jit.load(str(path), map_location="cpu").eval()
 

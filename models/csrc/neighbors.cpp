@@ -1,0 +1,231 @@
+// Neighbour search of PointNet++ / PointNeXt as compiled CPU operators (`torch.ops.kdqat_C`).
+//
+// These are loop-for-loop CPU versions of `models/neighbors.py`'s pure-PyTorch reference, which
+// itself reproduces the pointnet2 CUDA kernels (OpenPoints' `pointnet2_batch`). Every index they
+// return must equal the reference's, so the arithmetic is the reference's, operation by
+// operation: squared distances are ((dx*dx + dy*dy) + dz*dz) in the input's dtype, never fused
+// into multiply-adds (setup.py compiles with -ffp-contract=off), and comparisons are the same
+// strict ones. Why a compiled version at all: farthest point sampling is npoint sequential
+// steps, ~1000 small torch ops per call in Python, and neighbour search dominated int8
+// inference time.
+//
+// Registered with the dispatcher (TORCH_LIBRARY below), so the ops work from Python, from
+// TorchScript (once this library is loaded with `torch.ops.load_library`), and through
+// torch.export / torch.compile with the fake kernels that `models/_kernels.py` registers.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace kdqat {
+namespace {
+
+// Point indices in the order the CUDA FPS kernel prefers them on exact ties.
+//
+// The kernel runs T threads (largest power of two <= N, at most 1024); thread t scans points
+// t, t+T, t+2T, ... keeping its first maximum, then a tree reduction keeps the lower slot unless
+// the upper one is strictly larger. Among equal distances the winner is the point whose thread
+// number, bit-reversed, is smallest, then the lowest index. Listing threads by increasing
+// bit-reversed number, each with its points in index order, gives that preference directly.
+std::vector<int64_t> cuda_tie_order(int64_t num_points) {
+  int bits = 0;
+  while (bits < 10 && (int64_t{2} << bits) <= num_points) {
+    ++bits;
+  }
+  const int64_t threads = int64_t{1} << bits;
+  std::vector<int64_t> order;
+  order.reserve(num_points);
+  for (int64_t rank = 0; rank < threads; ++rank) {
+    int64_t thread = 0;
+    for (int bit = 0; bit < bits; ++bit) {
+      thread |= ((rank >> bit) & 1) << (bits - 1 - bit);
+    }
+    for (int64_t k = thread; k < num_points; k += threads) {
+      order.push_back(k);
+    }
+  }
+  return order;
+}
+
+// Signed integer of the same width as a float type, to order distances by their bits.
+template <typename scalar_t>
+struct Bits;
+template <>
+struct Bits<float> {
+  using type = int32_t;
+};
+template <>
+struct Bits<double> {
+  using type = int64_t;
+};
+
+// One cloud: picks `npoint` indices into `out` (see furthest_point_sample for the semantics).
+//
+// Each step is split into simple loops that the compiler vectorises (for float32): update the
+// distances, turn them into integer keys, take the largest key, find its first occurrence.
+// Keys: distances are sums of squares, +0 or more (never -0), and non-negative floats order
+// like their bit patterns read as signed integers; every NaN gets the largest key, so NaN wins
+// and the first NaN is taken, as torch.argmax does.
+template <typename scalar_t>
+void fps_cloud(const scalar_t* xyz, int64_t num_points, int64_t npoint, const std::vector<int64_t>& order,
+               int64_t* out) {
+  using key_t = typename Bits<scalar_t>::type;
+  // Coordinates as three planes in tie-preference order: "first maximum" then is the kernel's winner.
+  std::vector<scalar_t> planes(3 * num_points);
+  scalar_t* __restrict px = planes.data();
+  scalar_t* __restrict py = px + num_points;
+  scalar_t* __restrict pz = py + num_points;
+  for (int64_t i = 0; i < num_points; ++i) {
+    const scalar_t* p = xyz + 3 * order[i];
+    px[i] = p[0];
+    py[i] = p[1];
+    pz[i] = p[2];
+  }
+  std::vector<scalar_t> min_dist_buffer(num_points, static_cast<scalar_t>(1e10));  // the kernel's `temp`
+  std::vector<key_t> key_buffer(num_points);
+  scalar_t* __restrict min_dist = min_dist_buffer.data();
+  key_t* __restrict keys = key_buffer.data();
+  int64_t last = 0;  // point 0 is first in `order`
+  out[0] = 0;
+  for (int64_t step = 1; step < npoint; ++step) {
+    const scalar_t x1 = px[last], y1 = py[last], z1 = pz[last];
+    for (int64_t i = 0; i < num_points; ++i) {
+      const scalar_t dx = px[i] - x1, dy = py[i] - y1, dz = pz[i] - z1;
+      const scalar_t d = dx * dx + dy * dy + dz * dz;
+      const scalar_t previous = min_dist[i];
+      min_dist[i] = ((d < previous) | (d != d)) ? d : previous;  // torch.minimum: a NaN sticks
+    }
+    for (int64_t i = 0; i < num_points; ++i) {
+      const scalar_t m = min_dist[i];
+      const key_t nan = -static_cast<key_t>(m != m);
+      keys[i] = std::bit_cast<key_t>(m) | (nan & std::numeric_limits<key_t>::max());
+    }
+    key_t best = 0;
+    for (int64_t i = 0; i < num_points; ++i) {
+      best = keys[i] > best ? keys[i] : best;
+    }
+    int64_t i = 0;
+    while (keys[i] != best) {
+      ++i;
+    }
+    last = i;
+    out[step] = order[last];
+  }
+}
+
+at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
+  TORCH_CHECK(xyz.dim() == 3 && xyz.size(2) == 3, "furthest_point_sample: xyz must be (B, N, 3), got ",
+              xyz.sizes());
+  const int64_t batch = xyz.size(0), num_points = xyz.size(1);
+  TORCH_CHECK_VALUE(1 <= npoint && npoint <= num_points, "furthest_point_sample: npoint=", npoint,
+                    " must be in [1, ", num_points, "]");
+  const at::Tensor points = xyz.contiguous();
+  at::Tensor out = at::empty({batch, npoint}, xyz.options().dtype(at::kLong));
+  const std::vector<int64_t> order = cuda_tie_order(num_points);
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "furthest_point_sample", [&] {
+    const scalar_t* data = points.const_data_ptr<scalar_t>();
+    int64_t* picked = out.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        fps_cloud(data + b * num_points * 3, num_points, npoint, order, picked + b * npoint);
+      }
+    });
+  });
+  return out;
+}
+
+// One ball: the first `nsample` support indices within the radius (see ball_query).
+//
+// Support points come as three coordinate planes; blocks of them are tested by a vectorised
+// loop into a mask, then the mask is scanned in index order, stopping once the ball is full.
+template <typename scalar_t>
+void ball_one(const scalar_t* __restrict px, const scalar_t* __restrict py, const scalar_t* __restrict pz,
+              int64_t num_support, const scalar_t* centre, scalar_t r2, int64_t nsample, int64_t* out) {
+  using mask_t = typename Bits<scalar_t>::type;
+  constexpr int64_t kBlock = 64;
+  mask_t inside[kBlock];
+  const scalar_t cx = centre[0], cy = centre[1], cz = centre[2];
+  int64_t count = 0;
+  for (int64_t start = 0; start < num_support && count < nsample; start += kBlock) {
+    const int64_t size = std::min(kBlock, num_support - start);
+    mask_t any = 0;
+    for (int64_t j = 0; j < size; ++j) {
+      const scalar_t dx = cx - px[start + j], dy = cy - py[start + j], dz = cz - pz[start + j];
+      inside[j] = static_cast<mask_t>(dx * dx + dy * dy + dz * dz < r2);
+      any |= inside[j];
+    }
+    if (!any) {  // most blocks of a small ball: nothing to scan
+      continue;
+    }
+    for (int64_t j = 0; j < size && count < nsample; ++j) {
+      if (inside[j]) {
+        if (count == 0) {
+          std::fill(out, out + nsample, start + j);  // padding: the first neighbour found
+        }
+        out[count++] = start + j;
+      }
+    }
+  }
+  if (count == 0) {
+    std::fill(out, out + nsample, int64_t{0});  // the kernel's zero-initialised output
+  }
+}
+
+at::Tensor ball_query(const at::Tensor& support_xyz, const at::Tensor& query_xyz, double radius, int64_t nsample) {
+  TORCH_CHECK(support_xyz.dim() == 3 && support_xyz.size(2) == 3 && query_xyz.dim() == 3 && query_xyz.size(2) == 3 &&
+                  support_xyz.size(0) == query_xyz.size(0),
+              "ball_query: support_xyz must be (B, N, 3) and query_xyz (B, M, 3), got ", support_xyz.sizes(), " and ",
+              query_xyz.sizes());
+  TORCH_CHECK(support_xyz.scalar_type() == query_xyz.scalar_type(), "ball_query: support_xyz and query_xyz dtypes ",
+              "differ (", support_xyz.scalar_type(), " vs ", query_xyz.scalar_type(), ")");
+  TORCH_CHECK_VALUE(nsample >= 0, "ball_query: nsample=", nsample, " must be >= 0");
+  const int64_t batch = support_xyz.size(0), num_support = support_xyz.size(1), num_query = query_xyz.size(1);
+  const at::Tensor planes = support_xyz.transpose(1, 2).contiguous();  // (B, 3, N)
+  const at::Tensor query = query_xyz.contiguous();
+  at::Tensor out = at::empty({batch, num_query, nsample}, support_xyz.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ball_query", [&] {
+    // radius² in double, then rounded to the input dtype: what `sq_dist < radius * radius` does in torch.
+    const scalar_t r2 = static_cast<scalar_t>(radius * radius);
+    const scalar_t* s = planes.const_data_ptr<scalar_t>();
+    const scalar_t* q = query.const_data_ptr<scalar_t>();
+    int64_t* idx = out.mutable_data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, num_support));
+    at::parallel_for(0, batch * num_query, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / num_query;
+        const scalar_t* px = s + b * num_support * 3;
+        ball_one(px, px + num_support, px + 2 * num_support, num_support, q + row * 3, r2, nsample,
+                 idx + row * nsample);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace kdqat
+
+TORCH_LIBRARY(kdqat_C, m) {
+  m.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor");
+  m.def("ball_query(Tensor support_xyz, Tensor query_xyz, float radius, int nsample) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdqat_C, CPU, m) {
+  m.impl("furthest_point_sample", &kdqat::furthest_point_sample);
+  m.impl("ball_query", &kdqat::ball_query);
+}
+
+// `import models._C` only has to load this library (which registers the ops above); it
+// defines no Python functions. `torch.ops.load_library` loads the same file without Python.
+static struct PyModuleDef kdqat_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kdqat_module); }

@@ -1,0 +1,268 @@
+"""Compiled neighbour ops (`models._C`) against the pure-PyTorch reference: identical indices.
+
+The reference itself is checked against literal transcriptions of the CUDA kernels in
+tests/test_models_neighbors.py; here every comparison is exact equality with it.
+"""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from models import _kernels, create_model
+from models import neighbors as N
+
+needs_kernels = pytest.mark.skipif(not _kernels.available(), reason="models._C is not built "
+                                   "(python setup.py build_ext --inplace)")
+
+
+def compiled_and_pure(fn, *args):
+    """`fn(*args)` through the compiled ops, then through the pure-PyTorch reference."""
+    compiled = fn(*args)
+    with _kernels.pure_torch():
+        return compiled, fn(*args)
+
+
+def assert_fps_identical(xyz: torch.Tensor, npoint: int) -> None:
+    compiled, pure = compiled_and_pure(N.furthest_point_sample, xyz, npoint)
+    assert compiled.dtype == torch.long and torch.equal(compiled, pure)
+
+
+def assert_ball_query_identical(radius: float, nsample: int, support: torch.Tensor, query: torch.Tensor) -> None:
+    compiled, pure = compiled_and_pure(N.ball_query, radius, nsample, support, query)
+    assert compiled.dtype == torch.long and torch.equal(compiled, pure)
+
+
+def lattice(side: int) -> torch.Tensor:
+    """An integer grid, (1, side³, 3): exact distance ties everywhere."""
+    return torch.stack(torch.meshgrid(*[torch.arange(float(side))] * 3, indexing="ij"), -1).reshape(1, -1, 3)
+
+
+def test_kernels_are_built_when_required():
+    if os.environ.get("KDQAT_REQUIRE_KERNELS") != "1":
+        pytest.skip("KDQAT_REQUIRE_KERNELS=1 not set")
+    assert _kernels.available(), "models._C is missing: build it with `python setup.py build_ext --inplace`"
+
+
+def test_pure_torch_switch_is_scoped_and_reference_survives():
+    xyz = torch.rand(1, 8, 3)
+    with _kernels.pure_torch():
+        assert not _kernels.use_kernels(xyz)
+    assert _kernels.use_kernels(xyz) == _kernels.available()
+    assert not _kernels.use_kernels(xyz.half()) and not _kernels.use_kernels(xyz, xyz.double())
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch, num_points, npoint", [(1, 1024, 512), (3, 70, 20), (2, 100, 100), (4, 37, 1),
+                                                       (1, 1, 1), (2, 513, 257), (5, 2048, 64)])
+def test_fps_matches_reference_on_random_clouds(batch, num_points, npoint):
+    xyz = torch.randn(batch, num_points, 3, generator=torch.Generator().manual_seed(num_points))
+    assert_fps_identical(xyz, npoint)
+
+
+@needs_kernels
+@pytest.mark.parametrize("side, npoint", [(4, 64), (5, 125), (6, 100), (10, 500)])
+def test_fps_matches_reference_on_lattices_with_exact_ties(side, npoint):
+    assert_fps_identical(lattice(side), npoint)
+
+
+@needs_kernels
+def test_fps_matches_reference_with_duplicates_and_coincident_clouds():
+    grid = lattice(4)
+    assert_fps_identical(torch.cat([grid, grid[:, :36], grid[:, 10:30]], dim=1), 120)  # fewer distinct than npoint
+    assert_fps_identical(torch.zeros(2, 50, 3), 50)  # every distance zero
+    assert_fps_identical(torch.tensor([[[0.0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]]]), 5)
+
+
+@needs_kernels
+def test_fps_matches_reference_for_float64_and_strided_input():
+    gen = torch.Generator().manual_seed(7)
+    assert_fps_identical(torch.rand(2, 300, 3, generator=gen, dtype=torch.float64), 150)
+    wide = torch.rand(2, 3, 300, generator=gen)
+    assert_fps_identical(wide.transpose(1, 2), 100)  # (B, N, 3) view of a (B, 3, N) tensor
+    assert_fps_identical(torch.rand(2, 600, 3, generator=gen)[:, ::2], 100)
+    assert_fps_identical(lattice(5).double() * 0.1, 60)  # near-ties after rounding
+
+
+@needs_kernels
+def test_fps_compiled_refuses_bad_npoint_like_the_reference():
+    with pytest.raises(ValueError, match="npoint"):
+        torch.ops.kdqat_C.furthest_point_sample(torch.rand(1, 4, 3), 5)
+    with pytest.raises(ValueError, match="npoint"):
+        N.furthest_point_sample(torch.rand(1, 4, 3), 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch, num_support, num_query, radius, nsample", [
+    (1, 1024, 512, 0.1, 32), (2, 500, 200, 0.2, 32), (3, 64, 64, 0.35, 16), (1, 50, 13, 1.5, 64), (4, 10, 3, 0.05, 8)])
+def test_ball_query_matches_reference_on_random_clouds(batch, num_support, num_query, radius, nsample):
+    gen = torch.Generator().manual_seed(num_support)
+    support, query = torch.rand(batch, num_support, 3, generator=gen), torch.rand(batch, num_query, 3, generator=gen)
+    assert_ball_query_identical(radius, nsample, support, query)
+    assert_ball_query_identical(radius, nsample, support, support)  # the local_group case
+
+
+@needs_kernels
+def test_ball_query_matches_reference_for_sparse_empty_and_centre_only_balls():
+    gen = torch.Generator().manual_seed(0)
+    support = torch.rand(2, 50, 3, generator=gen)
+    query = torch.cat([support[:, :10], torch.full((2, 3, 3), 5.0)], dim=1)  # three empty balls
+    assert_ball_query_identical(0.2, 8, support, query)
+    isolated = torch.arange(20.0).repeat(3, 1).T.reshape(1, 20, 3)  # 1.7 apart: each ball holds its centre only
+    assert_ball_query_identical(0.5, 4, isolated, isolated)
+    assert_ball_query_identical(1.0, 8, support[:, :3] * 0.01, support[:, :1])  # nsample > N
+
+
+@needs_kernels
+@pytest.mark.parametrize("radius", [1.0, 2.0, 0.1, 0.2])  # 0.1, 0.2: r² rounds down in float32
+def test_ball_query_matches_reference_on_lattices_with_points_on_the_sphere(radius):
+    grid = lattice(5) * 0.1 if radius < 1 else lattice(5)
+    assert_ball_query_identical(radius, 16, grid, grid)
+    assert_ball_query_identical(radius, 16, grid.double(), grid.double())
+
+
+@needs_kernels
+def test_ball_query_matches_reference_a_few_ulp_around_the_sphere_and_on_strided_input():
+    gen = torch.Generator().manual_seed(4)
+    query = torch.rand(2, 6, 3, generator=gen) + 20.0
+    directions = torch.nn.functional.normalize(torch.randn(2, 6, 20, 3, generator=gen), dim=-1)
+    scale = 1 + torch.randint(-4, 5, (2, 6, 20, 1), generator=gen) * 1e-7
+    support = (query.unsqueeze(2) + 0.3 * directions * scale).reshape(2, 120, 3)
+    assert_ball_query_identical(0.3, 16, support, query)
+    assert_ball_query_identical(0.3, 16, support.transpose(1, 2).contiguous().transpose(1, 2), query[:, ::2])
+
+
+@needs_kernels
+def test_shared_neighborhoods_serve_compiled_results():
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(5))
+    with N.shared_neighborhoods() as memo:
+        first = N.furthest_point_sample(xyz, 16)
+        assert N.furthest_point_sample(xyz.clone(), 16) is first
+    assert (memo.hits, memo.misses) == (1, 1)
+    with _kernels.pure_torch():
+        assert torch.equal(first, N.furthest_point_sample(xyz, 16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["pointnext-s", "pointnext-b"])
+def test_pointnext_logits_are_bit_identical_with_compiled_and_pure_ops(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, width=8).eval()
+    xyz = torch.rand(3, 128, 3, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        compiled, pure = compiled_and_pure(model, xyz)
+    assert torch.equal(compiled, pure)
+
+
+@needs_kernels
+def test_fake_kernels_pass_opcheck():
+    gen = torch.Generator().manual_seed(8)
+    xyz = torch.rand(2, 40, 3, generator=gen)
+    torch.library.opcheck(torch.ops.kdqat_C.furthest_point_sample, (xyz, 10))
+    torch.library.opcheck(torch.ops.kdqat_C.ball_query, (xyz, xyz[:, :10], 0.3, 8))
+
+
+@needs_kernels
+def test_torch_export_keeps_the_compiled_ops_as_single_nodes():
+    class Neighbourhoods(torch.nn.Module):
+        def forward(self, xyz: torch.Tensor) -> torch.Tensor:
+            centres = N.gather_points(xyz, N.furthest_point_sample(xyz, 16))
+            return N.ball_query(0.3, 8, xyz, centres)
+
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(12))
+    program = torch.export.export(Neighbourhoods(), (xyz,))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count("kdqat_C.furthest_point_sample.default") == 1
+    assert targets.count("kdqat_C.ball_query.default") == 1
+    assert torch.equal(program.module()(xyz), Neighbourhoods()(xyz))
+
+
+@needs_kernels
+def test_scripting_chooses_the_ops_per_call_and_leaves_default_scripts_portable():
+    xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(9))
+    portable = torch.jit.script(N.furthest_point_sample)
+    with_kernels = _kernels.script(N.furthest_point_sample, kernels=True)
+    again = torch.jit.script(N.furthest_point_sample)
+    assert "kdqat_C" in with_kernels.code and "kdqat_C" not in portable.code + again.code
+    assert torch.equal(with_kernels(xyz, 16), portable(xyz, 16))
+
+
+# ---- int8 artifacts: both modes load in a fresh interpreter without this project ----------------
+PROBE = """import sys, torch
+assert 'models' not in sys.modules
+if sys.argv[4] != '-':
+    torch.ops.load_library(sys.argv[4])
+m = torch.jit.load(sys.argv[1])
+torch.save(m(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    import qat
+
+    def clouds(batch, seed):
+        return torch.rand(batch, 64, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    torch.manual_seed(0)
+    prepared = qat.prepare_ptq(create_model("pointnext-s", num_classes=5, width=8).eval(), qat.QConfigSpec(),
+                               (clouds(2, 0),))
+    qat.calibrate(prepared, [(clouds(4, seed),) for seed in range(2)])
+    return qat.convert(prepared), clouds(3, 11)
+
+
+@pytest.mark.parametrize("mode", ["portable", pytest.param("kernels", marks=needs_kernels)])
+def test_int8_artifact_loads_in_a_bare_interpreter_and_gives_the_same_logits(int8_model, mode, tmp_path):
+    from qat.export import export_int8, load_int8, read_sidecar
+
+    model, xyz = int8_model
+    path = export_int8(model, tmp_path / "model_int8.pt", {"num_points": 64}, mode=mode)
+    sidecar = read_sidecar(path)
+    library = tmp_path / sidecar["kernels"] if mode == "kernels" else None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model_int8.json", "model_int8.pt"] + ([library.name] if library else []))
+    if library:
+        assert sidecar["load"] == f"torch.ops.load_library('{library.name}')"
+    (tmp_path / "probe.py").write_text(PROBE)
+    torch.save(xyz, tmp_path / "xyz.pt")
+    subprocess.run([sys.executable, "-I", str(tmp_path / "probe.py"), str(path), str(tmp_path / "xyz.pt"),
+                    str(tmp_path / "logits.pt"), str(library) if library else "-"], cwd="/", check=True, timeout=300)
+    with torch.no_grad():
+        expected = model(xyz)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert torch.equal(load_int8(path)(xyz), expected)
+    with zipfile.ZipFile(path) as archive:
+        names_ops = any(b"kdqat_C" in archive.read(record) for record in archive.namelist())
+    assert names_ops == (mode == "kernels") and ("kernels" in sidecar) == (mode == "kernels")
+
+
+def test_export_refuses_an_unknown_mode(tmp_path):
+    from qat.export import export_int8
+
+    with pytest.raises(ValueError, match="mode='fast'"):
+        export_int8(torch.nn.Identity(), tmp_path / "m.pt", {}, mode="fast")
+    assert not list(tmp_path.iterdir())
+
+
+@needs_kernels
+def test_ball_query_on_non_finite_points_follows_the_cuda_kernel():
+    """A NaN or infinite point is in no ball, and the other balls are unaffected, as in the kernel.
+
+    (The pure-PyTorch reference differs here: its matmul prefilter turns the whole cloud's balls
+    empty once one coordinate is not finite.)
+    """
+    from test_models_neighbors import ball_query_kernel_reference
+
+    xyz = torch.rand(2, 50, 3, generator=torch.Generator().manual_seed(10))
+    xyz[0, 7], xyz[1, 3, 1] = float("nan"), float("inf")
+    assert torch.equal(N.ball_query(0.3, 8, xyz, xyz), ball_query_kernel_reference(0.3, 8, xyz, xyz))
+
+
+@needs_kernels
+def test_fps_matches_reference_with_nan_points():
+    xyz = torch.rand(2, 50, 3, generator=torch.Generator().manual_seed(11))
+    xyz[0, 7], xyz[1, 0, 1] = float("nan"), float("nan")
+    assert_fps_identical(xyz, 10)
+    assert_fps_identical(xyz, 50)
