@@ -23,8 +23,10 @@ train: $(STAMP)
 # The whole suite, slow end-to-end tests included; CI runs exactly this. Two workers, one test
 # file each at a time (module fixtures such as a trained run are built once); one torch thread
 # per worker (tests/conftest.py), so the two never fight over the two cores.
+# KDQAT_REQUIRE_KERNELS=1: the compiled neighbour ops must have been built by the set-up above
+# (tests/test_models_kernels.py fails otherwise instead of skipping).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
+	KDQAT_REQUIRE_KERNELS=1 $(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 # Unit tests only (skips @pytest.mark.slow), for a quick loop while editing.
 test-fast: $(STAMP)
