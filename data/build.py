@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -19,16 +20,37 @@ from data.synthetic import SyntheticConfig, ensure_synthetic
 from data.transforms import RESAMPLE_MODES, AugmentConfig, build_transforms
 from data.validate import DataError
 
-__all__ = ["DATASETS", "build_dataset"]
+__all__ = ["DATASETS", "SPLITS", "build_dataset", "split_validation"]
 
 REQUIRED = ("name", "root", "num_points", "num_classes", "in_channels")
-# Per-dataset defaults for the optional keys, following each OpenPoints recipe; the YAML files
-# set them explicitly, these only serve configs built by hand (notebooks, tests).
+SPLITS = ("train", "val", "test")
+# Per-dataset defaults for the optional keys, following each OpenPoints recipe (which has no
+# validation split: val_fraction 0); the YAML files set them explicitly (val_fraction 0.1), these
+# only serve configs built by hand (notebooks, tests).
+_COMMON = {"val_fraction": 0.0, "val_seed": 0}
 DATASETS: dict[str, dict[str, Any]] = {
-    "synthetic": {"normalize": False, "resample": "random"},
-    "modelnet40": {"normalize": False, "resample": "first"},
-    "scanobjectnn": {"normalize": True, "resample": "random", "uniform_sample": True},
+    "synthetic": {"normalize": False, "resample": "random", **_COMMON},
+    "modelnet40": {"normalize": False, "resample": "first", **_COMMON},
+    "scanobjectnn": {"normalize": True, "resample": "random", "uniform_sample": True, **_COMMON},
 }
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices `(train, val)` of a stratified, seeded hold-out of a training split.
+
+    Each class gives `round(fraction * n_c)` of its `n_c` clouds to val, at least one when
+    `fraction > 0` and never all of them (a class with one cloud stays in train), chosen by a
+    permutation drawn from `seed` alone: the same data and seed give the same split on any
+    machine, whatever the training seed. Both index arrays are sorted (stored order).
+    """
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if fraction > 0 else 0
+        val.append(rng.permutation(members)[:count])
+    held = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held), held
 
 
 def _as_dict(cfg: Mapping) -> dict[str, Any]:
@@ -42,6 +64,7 @@ def _as_dict(cfg: Mapping) -> dict[str, Any]:
 
 
 def _load(name: str, c: dict[str, Any], split: str) -> CloudSplit:
+    """The stored split `split` ('train' or 'test') as read from disk (val is cut from train later)."""
     num_points = c["num_points"]
     if name == "synthetic":
         try:
@@ -57,10 +80,21 @@ def _load(name: str, c: dict[str, Any], split: str) -> CloudSplit:
         return load_modelnet40(ensure_synthetic(c["root"], gen), split, num_points)
     if name == "modelnet40":
         return load_modelnet40(c["root"], split, num_points)
-    data = load_scanobjectnn(c["root"], split, num_points)
-    if split == "test" and c.get("uniform_sample", True):  # OpenPoints evaluates on FPS-selected points
-        data.points = cached_furthest_point_sample(data.points, num_points, data.source)
-    return data
+    return load_scanobjectnn(c["root"], split, num_points)
+
+
+def _holdout(data: CloudSplit, split: str, c: dict[str, Any]) -> CloudSplit:
+    """`data` (the stored training split) cut to its train or val part (`dataset.val_fraction`)."""
+    fraction = c["val_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DataError(f"dataset.val_fraction={fraction!r}: use a fraction in [0, 1) of the training clouds "
+                        "(0: no validation split, the official protocol)")
+    if split == "val" and fraction == 0:
+        raise DataError("dataset.val_fraction=0: there is no validation split; set dataset.val_fraction "
+                        "(e.g. 0.1) to carve one from the training clouds")
+    train, val = split_validation(data.labels, float(fraction), int(c["val_seed"]))
+    keep = val if split == "val" else train
+    return CloudSplit(data.points[keep], data.labels[keep], data.class_names, data.source)
 
 
 def build_dataset(cfg: Mapping, split: str) -> PointCloudDataset:
@@ -69,8 +103,10 @@ def build_dataset(cfg: Mapping, split: str) -> PointCloudDataset:
     Args:
         cfg: The `dataset` config group (DictConfig or dict); a root config holding a
             `dataset` node is accepted too.
-        split: 'train' or 'test' ('val' is read as 'test': these datasets have no separate
-            validation split, as in OpenPoints).
+        split: 'train', 'val' or 'test'. 'val' is carved from the stored training split
+            (`split_validation`: `dataset.val_fraction` of each class, seeded by `dataset.val_seed`)
+            and 'train' is the rest; the official test split is never touched. Val items are
+            served as test items are (first points, no augmentation).
 
     Returns:
         The split, with `class_names`, `num_classes`, `in_channels` and `num_points` set.
@@ -86,9 +122,8 @@ def build_dataset(cfg: Mapping, split: str) -> PointCloudDataset:
     if name not in DATASETS:
         raise DataError(f"dataset.name='{name}' is unknown; choose one of {sorted(DATASETS)}")
     c = {**DATASETS[name], **c}
-    split = {"val": "test"}.get(split, split)
-    if split not in ("train", "test"):
-        raise DataError(f"split '{split}' is unknown; use 'train' or 'test'")
+    if split not in SPLITS:
+        raise DataError(f"split '{split}' is unknown; use one of {list(SPLITS)}")
     if int(c["num_points"]) < 1:
         raise DataError(f"dataset.num_points={c['num_points']} must be a positive integer")
     c["num_points"] = int(c["num_points"])
@@ -101,7 +136,12 @@ def build_dataset(cfg: Mapping, split: str) -> PointCloudDataset:
     except TypeError as e:
         raise DataError(f"dataset.augment: {e}; known keys: {list(AugmentConfig.__dataclass_fields__)}") from None
 
-    data = _load(name, c, split)
+    data = _load(name, c, "test" if split == "test" else "train")
+    if name == "scanobjectnn" and split != "train" and c.get("uniform_sample", True):
+        # OpenPoints evaluates on FPS-selected points; val is evaluated as test is (FPS of the stored file)
+        data.points = cached_furthest_point_sample(data.points, c["num_points"], data.source)
+    if split != "test":
+        data = _holdout(data, split, c)
     if int(c["num_classes"]) != len(data.class_names):
         raise DataError(f"dataset.num_classes={c['num_classes']} but {data.source} has {len(data.class_names)} "
                         f"classes; set dataset.num_classes={len(data.class_names)}")

@@ -30,7 +30,7 @@ class PointCloudDataset(Dataset):
 
     Attributes:
         name: Dataset name (`dataset.name`).
-        split: 'train' or 'test'.
+        split: 'train', 'val' or 'test' (val and test items are served alike: first points, no augmentation).
         class_names: Class list; labels index into it.
         num_classes: len(class_names).
         in_channels: C of `feats`.

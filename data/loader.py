@@ -7,7 +7,10 @@ Two sources of randomness are pinned down:
   (`SeededSampler`), and the dataset augments sample `(i, s)` with a generator seeded by `s`.
 
 So the same seed gives the same batches, augmentation included, whatever `num_workers` is;
-and every epoch differs because the generators advance. Workers also get numpy and `random`
+and every epoch differs because the generators advance. The DataLoader's own `generator` (it
+draws the workers' base seed when it creates an iterator, which with persistent workers happens
+once per loader, not once per epoch) is a third stream: were it the order's, an epoch's order
+would depend on whether the loader had been iterated before (e.g. by an earlier training phase). Workers also get numpy and `random`
 seeded from torch's per-worker seed, for any third-party code that draws from them.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-__all__ = ["SeededSampler", "build_loader", "seed_worker"]
+__all__ = ["SeededSampler", "build_loader", "reseed_loader", "seed_worker"]
 
 
 class SeededSampler(Sampler):
@@ -35,6 +38,11 @@ class SeededSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
+
+    @property
+    def order_generator(self) -> torch.Generator | None:
+        """The wrapped sampler's generator (the shuffle order), for re-seeding; None when sequential."""
+        return getattr(self.sampler, "generator", None)
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded to a wrapped `DistributedSampler`, so its per-epoch shuffle still works."""
@@ -79,9 +87,23 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         num_workers=num_workers,
         drop_last=drop_last,
         worker_init_fn=seed_worker,
-        generator=order_gen,
-        # Not persistent: a new iterator draws the workers' base seed from `generator` before the
-        # shuffle does, so with persistent workers the first epoch of a process (a resumed run, the
-        # student after a cached teacher) would shuffle differently from the same epoch mid-run.
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed + 2_000_006),  # workers' base seed: not the order's stream
+        persistent_workers=num_workers > 0,  # items are cheap; re-forking workers every epoch is not
     )
+
+
+def reseed_loader(loader: DataLoader, seed: int) -> None:
+    """Restart every generator `loader` draws from at `seed`, each on its own stream.
+
+    The streams: the DataLoader's `generator` (workers' base seed), the sampler's
+    `order_generator` (shuffle order) and the sampler's `generator` (augmentation seeds; for a
+    plain `RandomSampler`, its order). Works for `build_loader`'s loaders and for
+    `distill.distributed.build_sharded_loader`'s, whose sampler has the same two attributes.
+    The engine calls it at every epoch start with `seed + epoch`.
+    """
+    sampler = getattr(loader, "sampler", None)
+    generators = [getattr(loader, "generator", None), getattr(sampler, "order_generator", None),
+                  getattr(sampler, "generator", None)]
+    for stream, generator in enumerate(generators):
+        if generator is not None:
+            generator.manual_seed(seed * 1_000_003 + stream)

@@ -126,8 +126,8 @@ class ShardedSeededSampler(Sampler):
     starting at `rank`. Per-rank batches of `global_batch / world_size` items then partition
     the single-process batches: the union of the ranks' k-th batches is its k-th batch.
 
-    The engine re-seeds both generators at every epoch start (`order_generator` is the
-    loader's `generator`, `generator` is found as the sampler's), so resume stays exact.
+    The engine re-seeds both generators at every epoch start (found as the sampler's
+    `order_generator` and `generator`), so resume stays exact.
     """
 
     def __init__(self, dataset: Sized, order_generator: torch.Generator, generator: torch.Generator,
@@ -164,8 +164,9 @@ def build_sharded_loader(dataset: Dataset, global_batch: int, seed: int, rank: i
     sampler = ShardedSeededSampler(dataset, order_gen, torch.Generator().manual_seed(seed + 1_000_003), global_batch,
                                    rank, world_size, seeded_keys=getattr(dataset, "accepts_seeded_keys", False))
     return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, worker_init_fn=seed_worker, generator=order_gen,
-                      persistent_workers=False)  # see data.build_loader: the order must not depend on history
+                      drop_last=True, worker_init_fn=seed_worker,
+                      generator=torch.Generator().manual_seed(seed + 2_000_006),  # as data.build_loader
+                      persistent_workers=num_workers > 0)
 
 
 class EvalShard(Sampler):

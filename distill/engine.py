@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from data import classification_metrics
+from data.loader import reseed_loader
 
 from . import distributed as D
 from .checkpoint import atomic_torch_save, load_training_checkpoint, remove_stale_temporaries
@@ -280,11 +281,9 @@ class Engine:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        # Every generator the loader owns (order; the sampler's augmentation seeds) restarts from
-        # (seed, epoch), each on its own stream, so epoch e's batches do not depend on history.
-        generators = [getattr(self.train_loader, "generator", None), getattr(sampler, "generator", None)]
-        for stream, generator in enumerate(g for g in generators if g is not None):
-            generator.manual_seed((self.config.seed + epoch) * 1_000_003 + stream)
+        # Every generator the loader owns restarts from (seed, epoch), so epoch e's batches do not
+        # depend on history: not on earlier epochs, nor on another phase having iterated this loader.
+        reseed_loader(self.train_loader, self.config.seed + epoch)
         self.student.train()
         state: dict[str, float] = {}
         for hook in self.hooks:

@@ -39,7 +39,7 @@ Where it is not: quantization errors interact (a layer's activation range is sha
 consumers; fixing one layer changes what fixing the next is worth), so a greedy path can miss a
 combination that helps only as a whole, and it never revisits a layer; options that did not help
 alone are never tried; the scoring set is small, so accuracy differences of one or two clouds are
-noise and the choice over-fits it (the tool reports a disjoint held-out half for that reason);
+noise and the choice over-fits it (the tool reports the untouched test split for that reason);
 static PTQ is a proxy for QAT, which adapts weights and usually recovers part of what a layer
 loses; latency is measured, noisy and not additive over layers.
 """

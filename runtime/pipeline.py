@@ -41,19 +41,24 @@ from runtime.measure import latency_ms
 
 @dataclass
 class Data:
-    """Datasets and loaders. Under torchrun, `train_loader` and `val_loader` hold this rank's shard
-    (the engine gathers validation predictions); `test_loader` is always the whole test split,
-    for the final figures that rank 0 measures alone."""
+    """Datasets and loaders of the three splits (see `data.build_dataset`).
+
+    `val` (carved from the training clouds) is what everything that chooses reads: per-epoch
+    validation, calibration checks, the qconfig search, the sweeps' metric. `test` is read once
+    per run, for the final report (`evaluate(..., split="test")`). With `dataset.val_fraction=0`
+    there is no val split: `val` and `val_loader` are None and the engine skips per-epoch
+    validation. Under torchrun, `train_loader` and `val_loader` hold this rank's shard (the engine
+    gathers validation predictions); `test_loader` is always the whole test split, for the final
+    figures that rank 0 measures alone; `full_val_loader` is the whole val split, likewise.
+    """
 
     train: Any
     test: Any
     train_loader: DataLoader
     test_loader: DataLoader
     val_loader: DataLoader | None = None
-
-    def __post_init__(self) -> None:
-        if self.val_loader is None:
-            self.val_loader = self.test_loader
+    val: Any | None = None
+    full_val_loader: DataLoader | None = None
 
     @property
     def num_classes(self) -> int:
@@ -68,12 +73,14 @@ class Data:
         return self.train.num_points
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `batch` test clouds, as the model takes them (tracing and export inputs).
+        """The first `batch` training clouds, as the model takes them (tracing and export inputs).
 
         Read from the dataset, not the loader: with `train.eval_batch_size=1` a loader batch holds
         one cloud, and a PT2E export of a training-mode student needs more than one (batch norm).
+        Training clouds with fixed augmentation seeds: no test cloud is read before the final
+        report, and no global RNG is drawn.
         """
-        items = [self.test[i] for i in range(min(batch, len(self.test)))]
+        items = [self.train[(i, i)] for i in range(min(batch, len(self.train)))]
         return torch.stack([item["xyz"] for item in items]), torch.stack([item["feats"] for item in items])
 
 
@@ -82,8 +89,15 @@ def build_data(cfg: DictConfig) -> Data:
     per step, dealt from the one-process order, so N only changes speed, not the run."""
     train = data.build_dataset(cfg.dataset, "train")
     test = data.build_dataset(cfg.dataset, "test")
+    val = data.build_dataset(cfg.dataset, "val") if cfg.dataset.get("val_fraction", 0) else None
     workers = cfg.train.num_workers
-    test_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed)
+
+    def eval_loader(split: Any, sampler: Any = None) -> DataLoader:
+        return data.build_loader(split, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed,
+                                 sampler=sampler)
+
+    test_loader = eval_loader(test)
+    full_val_loader = eval_loader(val) if val is not None else None
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.train.batch_size > len(train):  # drop_last: not one step would run, and nothing would say so
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split "
@@ -91,11 +105,10 @@ def build_data(cfg: DictConfig) -> Data:
     if world == 1:
         train_loader = data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed,
                                          drop_last=True)
-        return Data(train, test, train_loader, test_loader)
+        return Data(train, test, train_loader, test_loader, full_val_loader, val, full_val_loader)
     train_loader = distributed.build_sharded_loader(train, cfg.train.batch_size, cfg.seed, rank, world, num_workers=workers)
-    val_loader = data.build_loader(test, cfg.train.eval_batch_size, shuffle=False, num_workers=workers, seed=cfg.seed,
-                                   sampler=distributed.EvalShard(test, rank, world))
-    return Data(train, test, train_loader, test_loader, val_loader)
+    val_loader = eval_loader(val, distributed.EvalShard(val, rank, world)) if val is not None else None
+    return Data(train, test, train_loader, test_loader, val_loader, val, full_val_loader)
 
 
 def build_model(name: str, width: int, cfg: DictConfig, d: Data) -> nn.Module:
@@ -206,7 +219,44 @@ def check_teacher_ckpt(cfg: DictConfig, d: Data) -> None:
         load_checkpoint(build_model(cfg.teacher.model, cfg.teacher.width, cfg, d), cfg.teacher.ckpt)
 
 
-def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, device: torch.device) -> tuple[nn.Module, str]:
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in key order): equal for equal
+    weights whichever file they were saved to (a torch.save zip names its records after the file)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (BN counters) cannot be viewed as bytes
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where the teacher came from: `kind` 'checkpoint' (`teacher.ckpt`), 'cached' (an earlier run's)
+    or 'trained' (in this run), and the file holding its weights, so a run directory names the exact
+    teacher it distilled from, cached or not."""
+
+    kind: str
+    path: Path
+    weights_sha256: str
+
+    def to_dict(self) -> dict[str, str]:
+        """metrics.json's `teacher` provenance: `{path, sha256, weights_sha256, source}`. `sha256` is the
+        file's (what `sha256sum` prints); `weights_sha256` the weights' (`weights_sha256`), which is
+        the same for a teacher trained in the run and the cached copy of it."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"path": str(Path(self.path).resolve()), "sha256": digest.hexdigest(),
+                "weights_sha256": self.weights_sha256, "source": self.kind}
+
+    def __str__(self) -> str:
+        return "trained in this run" if self.kind == "trained" else f"{self.kind} {self.path}"
+
+
+def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger,
+                   device: torch.device) -> tuple[nn.Module, TeacherSource]:
     """The FP32 teacher: `teacher.ckpt`, else a cached one, else trained here (then cached).
 
     Returns:
@@ -215,13 +265,13 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, d
     model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
     if cfg.teacher.ckpt:
         load_checkpoint(model, cfg.teacher.ckpt)
-        return model.eval(), f"checkpoint {cfg.teacher.ckpt}"
+        return model.eval(), TeacherSource("checkpoint", Path(cfg.teacher.ckpt), weights_sha256(model))
     cached = Path(cfg.cache_dir) / "teachers" / f"{_teacher_cache_key(cfg)}.pt"
     final = run_dir / "teacher" / "final.pt"
     for source in (final, cached if cfg.teacher.cache else None):
         if source is not None and source.is_file():
             load_checkpoint(model, source)
-            return model.eval(), f"cached {source}"
+            return model.eval(), TeacherSource("cached", source, weights_sha256(model))
     logger.console(f"training the FP32 teacher for {cfg.teacher.epochs} epochs (cached for later runs)")
     seed_everything(cfg.seed)
     model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d).to(device)
@@ -236,7 +286,7 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger, d
         if cfg.teacher.cache and not degenerate:
             atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
     distributed.barrier()
-    return model.eval(), "trained in this run"
+    return model.eval(), TeacherSource("trained", final, weights_sha256(model))
 
 
 def teacher_degeneracy(engine: Engine, num_classes: int) -> str:
@@ -282,9 +332,14 @@ def prepare_student(student: nn.Module, cfg: DictConfig, d: Data) -> nn.Module:
 
 
 # ---- evaluation and artifacts ----------------------------------------------------------------
-def evaluate(model: Callable[..., torch.Tensor], d: Data, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """OA / mAcc / per-class accuracy (percent) on the test split; the model's mode is the caller's."""
-    preds, labels = predict(model, d.test_loader, device)
+def evaluate(model: Callable[..., torch.Tensor], d: Data, device: torch.device | str = "cpu",
+             split: str = "test") -> dict[str, Any]:
+    """OA / mAcc / per-class accuracy (percent) on the whole `split` ('test' or 'val'); the model's
+    mode is the caller's. Only the final report reads 'test'."""
+    loader = {"test": d.test_loader, "val": d.full_val_loader}[split]
+    if loader is None:
+        raise ConfigError(f"no {split} split: dataset.val_fraction=0; set dataset.val_fraction (e.g. 0.1)")
+    preds, labels = predict(model, loader, device)
     return data.classification_metrics(preds, labels, d.num_classes)
 
 

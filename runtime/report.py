@@ -26,12 +26,22 @@ from runtime.measure import random_clouds
 __all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table", "save_confusion_png"]
 
 
+def val_figures(model: Any, d: pipeline.Data) -> dict[str, Any]:
+    """`{'val': {'oa', 'macc'}}` on the whole val split, to sit beside a model's test `oa`/`macc`
+    in metrics.json (the run's end: measured once, like test); `{}` when there is no val split."""
+    if d.full_val_loader is None:
+        return {}
+    result = pipeline.evaluate(model, d, split="val")
+    return {"val": {"oa": result["oa"], "macc": result["macc"]}}
+
+
 def fp32_figures(model: nn.Module, cfg: DictConfig, d: pipeline.Data) -> dict[str, Any]:
-    """OA / mAcc / size / latency of an FP32 model on CPU in eval mode."""
+    """OA / mAcc (test; val under `val`) / size / latency of an FP32 model on CPU in eval mode."""
     model = model.cpu().eval()
+    val = val_figures(model, d)
     result = pipeline.evaluate(model, d)
     return {
-        "oa": result["oa"], "macc": result["macc"],
+        "oa": result["oa"], "macc": result["macc"], **val,
         "size_mb": pipeline.state_dict_size_mb(model),
         "size_mb_packed": packed_size_mb(model, None),
         "latency_ms": pipeline.model_latency(model, cfg, d),
@@ -53,7 +63,8 @@ def quantized_run_metrics(
 ) -> dict[str, Any]:
     """Converts, exports and measures a prepared (QAT or calibrated PTQ) model.
 
-    Returns the metrics.json payload: the int8 figures at top level, `fp32` (the model that was
+    Returns the metrics.json payload: the int8 figures at top level (accuracy: `oa`, `macc` on
+    test, `val: {oa, macc}` on val, here and in every sub-dict), `fp32` (the model that was
     quantized), `teacher` (when distilling), `fakequant` (the prepared model, for QAT methods),
     `backend`, `artifact` (file name in `run_dir`), `convert_s`, and `compile_s` (PT2E: seconds
     of Inductor's first call at batch 1 and the eval batch; None for FX, which compiles nothing).
@@ -65,13 +76,16 @@ def quantized_run_metrics(
                                "dataset": cfg.dataset.name, "seed": cfg.seed, "num_points": d.num_points}
     metrics["fp32"] = fp32_reference or fp32_figures(fp32_model, cfg, d)
     if teacher is not None:
-        metrics["teacher"] = pipeline.evaluate(teacher.cpu().eval(), d) | {"model": cfg.teacher.model, "width": cfg.teacher.width}
+        teacher = teacher.cpu().eval()
+        val = val_figures(teacher, d)
+        metrics["teacher"] = pipeline.evaluate(teacher, d) | val | {"model": cfg.teacher.model, "width": cfg.teacher.width}
         metrics["teacher"].pop("per_class", None), metrics["teacher"].pop("confusion", None)
     if schedule is not None:  # the fake-quant student as it was validated during training
         prepared.eval()
         with schedule.evaluating(prepared):
+            val = val_figures(prepared, d)
             fakequant = pipeline.evaluate(prepared, d)
-        metrics["fakequant"] = {"oa": fakequant["oa"], "macc": fakequant["macc"]}
+        metrics["fakequant"] = {"oa": fakequant["oa"], "macc": fakequant["macc"], **val}
     spec = qat.spec_from_config(cfg.qat)
     metrics["backend"] = spec.backend
     start = time.perf_counter()
@@ -90,9 +104,10 @@ def quantized_run_metrics(
     # PT2E compiles per batch size on first call: done here, on the shapes latency and evaluation use
     shapes = dict.fromkeys((1, cfg.train.eval_batch_size)) if is_pt2e else ()
     runner, compile_s = backend.inference_runner(reloaded, [_random_inputs(b, d) for b in shapes])
+    val = val_figures(runner, d)
     result = pipeline.evaluate(runner, d)
     metrics.update({
-        "oa": result["oa"], "macc": result["macc"], "per_class_acc": result["per_class"],
+        "oa": result["oa"], "macc": result["macc"], **val, "per_class_acc": result["per_class"],
         "artifact": artifact.name,
         "size_mb": file_size_mb(artifact),
         "size_mb_packed": packed_size_mb(fp32_model, spec),  # bits × parameters + qparams (qat/export.py)

@@ -30,7 +30,10 @@ METHODS = ("fp32", "static", "qat", "kd_qat")
 
 
 def calibration_loader(cfg: DictConfig) -> torch.utils.data.DataLoader:
-    """Training clouds without augmentation, in a fixed order, for PTQ observers."""
+    """Training clouds without augmentation, in a fixed order, for PTQ observers.
+
+    The train split proper: neither test (read once, for the report) nor val (what the qconfig
+    search scores calibrated models on, which must stay unseen by the calibration)."""
     dataset_cfg = OmegaConf.merge(cfg.dataset, {"augment": {"scale_low": 1.0, "scale_high": 1.0, "translate": 0.0,
                                                             "jitter_sigma": 0.0, "rotation": 0.0}})
     train = data.build_dataset(dataset_cfg, "train")

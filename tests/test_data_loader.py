@@ -8,10 +8,12 @@ import torch
 from omegaconf import OmegaConf
 
 from data import build_dataset, build_loader
+from data.loader import reseed_loader
 from data.shapes import CLASSES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
-REQUIRED = {"name", "root", "num_points", "num_classes", "in_channels", "num_workers", "augment"}
+REQUIRED = {"name", "root", "num_points", "num_classes", "in_channels", "num_workers", "augment", "val_fraction",
+            "val_seed"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,22 @@ def test_epochs_differ_within_one_loader(train_set):
     loader = build_loader(train_set, batch_size=8, shuffle=False, seed=0)
     e1, e2 = next(iter(loader)), next(iter(loader))
     assert torch.equal(e1["label"], e2["label"]) and not torch.equal(e1["xyz"], e2["xyz"])  # same order, new augmentation
+
+
+def test_reseeded_epoch_does_not_depend_on_earlier_iterations_with_persistent_workers(train_set):
+    """A loader a previous phase iterated (teacher training) gives the same epoch as a fresh one.
+
+    With persistent workers the DataLoader draws its workers' base seed from its `generator` only
+    when it first creates an iterator; that draw must not shift the shuffle order.
+    """
+    used, fresh = (build_loader(train_set, batch_size=4, shuffle=True, num_workers=2, seed=0) for _ in range(2))
+    reseed_loader(used, 0)
+    list(used)  # an earlier phase's epoch
+    epochs = []
+    for loader in (used, fresh):
+        reseed_loader(loader, 5)
+        epochs.append(torch.cat([b["label"] for b in loader]).tolist() + [next(iter(loader))["xyz"].sum().item()])
+    assert epochs[0] == epochs[1]
 
 
 def test_drop_last_and_custom_sampler(train_set):

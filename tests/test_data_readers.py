@@ -92,9 +92,40 @@ def test_modelnet40_train_items_reorder_the_first_points_as_openpoints(tmp_path)
     np.testing.assert_array_equal(np.sort(xyz, axis=0), np.sort(first, axis=0))
 
 
-def test_val_split_reads_the_test_files(tmp_path):
-    write_modelnet40(tmp_path, n_test=5)
-    assert len(build_dataset(m40_cfg(tmp_path), "val")) == 5
+def test_val_split_is_carved_from_train_stratified_and_seeded(tmp_path):
+    write_modelnet40(tmp_path, n_train=40, n_test=5)  # 10 clouds per class
+    over = {"val_fraction": 0.2, "val_seed": 3}
+    train, val = build_dataset(m40_cfg(tmp_path, **over), "train"), build_dataset(m40_cfg(tmp_path, **over), "val")
+    everything = build_dataset(m40_cfg(tmp_path), "train")  # val_fraction 0 (hand-built default): all of it
+    assert (len(train), len(val), len(everything)) == (32, 8, 40)
+    assert np.bincount(val.labels, minlength=4).tolist() == [2, 2, 2, 2]  # stratified: 20 % of each class
+    stored = {c.tobytes() for c in everything.points}
+    held = {c.tobytes() for c in val.points}
+    assert held <= stored and not held & {c.tobytes() for c in train.points}  # disjoint, from train
+    assert len(build_dataset(m40_cfg(tmp_path), "test")) == 5  # the official test split is untouched
+    again = build_dataset(m40_cfg(tmp_path, **over), "val")
+    other = build_dataset(m40_cfg(tmp_path, val_fraction=0.2, val_seed=4), "val")
+    assert np.array_equal(again.points, val.points) and not np.array_equal(other.points, val.points)
+
+
+def test_val_items_are_served_like_test_items(tmp_path):
+    write_modelnet40(tmp_path, n_train=40)
+    val = build_dataset(m40_cfg(tmp_path, val_fraction=0.2), "val")
+    assert val[0]["xyz"].shape == (32, 3)
+    assert torch.equal(val[(0, 1)]["xyz"], val[(0, 2)]["xyz"])  # no augmentation, no resampling
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "a"])
+def test_bad_val_fraction_names_the_key(tmp_path, value):
+    write_modelnet40(tmp_path)
+    with pytest.raises(ValueError, match="dataset.val_fraction"):
+        build_dataset(m40_cfg(tmp_path, val_fraction=value), "train")
+
+
+def test_val_split_without_val_fraction_says_how_to_get_one(tmp_path):
+    write_modelnet40(tmp_path)
+    with pytest.raises(ValueError, match=r"dataset.val_fraction=0: there is no validation split"):
+        build_dataset(m40_cfg(tmp_path), "val")
 
 
 def test_scanobjectnn_reader_gives_xyz_plus_height(tmp_path):

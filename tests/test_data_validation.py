@@ -141,7 +141,7 @@ def test_config_mistakes_name_the_key(tmp_path, over, key):
 
 def test_unknown_split_is_rejected(tmp_path):
     layout(tmp_path, clouds(), labels())
-    assert "'train' or 'test'" in error(tmp_path, split="validation")
+    assert "['train', 'val', 'test']" in error(tmp_path, split="validation")
 
 
 def test_augment_config_rejects_rotation_beyond_pi():

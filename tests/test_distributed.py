@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 import _tools as tools
 from _tools import ROOT, TINY_DATA
 from data import build_loader
+from data.loader import reseed_loader
 from distill import distributed
 
 
@@ -38,8 +39,7 @@ class Keys(Dataset):
 
 
 def seed_like_the_engine(loader, epoch, seed=0):
-    for stream, generator in enumerate([loader.generator, loader.sampler.generator]):
-        generator.manual_seed((seed + epoch) * 1_000_003 + stream)
+    reseed_loader(loader, seed + epoch)
 
 
 @pytest.mark.parametrize("world", [2, 3])

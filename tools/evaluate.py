@@ -64,8 +64,8 @@ def run(cfg: DictConfig) -> None:
     if not cfg.checkpoint or not path.is_file():
         raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file; pass checkpoint=PATH to an FP32 checkpoint, "
                             "a run's student/last.pt or its model_int8.pt (.pt2)")
-    if cfg.split not in ("test", "train"):
-        raise ConfigError(f"split={cfg.split}: use test or train")
+    if cfg.split not in ("test", "val", "train"):
+        raise ConfigError(f"split={cfg.split}: use test, val or train")
     if not isinstance(cfg.pt2_compile, bool):
         raise ConfigError(f"pt2_compile={cfg.pt2_compile!r}: use true or false")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -69,9 +69,11 @@ def run(cfg: DictConfig) -> None:
         if method_cfg is not cfg:  # its own backend: its own config.yaml, which evaluate.py rebuilds the student from
             method_dir.mkdir(parents=True, exist_ok=True)
             pipeline.write_text(method_dir / "config.yaml", OmegaConf.to_yaml(method_cfg, resolve=True))
-        reference = {k: results["fp32"][k] for k in ("oa", "macc", "size_mb", "latency_ms")} if "fp32" in results else None
+        reference = ({k: results["fp32"][k] for k in ("oa", "macc", "val", "size_mb", "latency_ms") if k in results["fp32"]}
+                     if "fp32" in results else None)
         results[name] = quantize(method, method_cfg, d, pipeline.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
                                  fp32_reference=reference)
+        results[name]["teacher"] = results[name].get("teacher", {}) | source.to_dict()  # the FP32 model, by file and hash
         pipeline.write_json(method_dir / "metrics.json", results[name])
 
     # ---- report ---------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
     python tools/train_kd_qat.py qat.qconfig=<run dir>/qconfig.yaml       # then KD-QAT with the chosen spec
 
 Static PTQ is the fast proxy (qat/sensitivity.py): every configuration is calibrated on training
-clouds, converted to int8 and scored on a seeded half of the test split (the selection half); the
-other half is held out and only reports the final figures. Writes into the hydra run directory:
+clouds, converted to int8 and scored on the val split (carved from the training clouds,
+`dataset.val_fraction`; the search refuses to run without one). The test split is read once, after
+the choice, for the held-out figures of FP32 / all-int8 / searched. Writes into the hydra run directory:
 qconfig.yaml (the chosen spec, reloaded and re-scored before the run ends), sensitivity.md /
 sensitivity.csv (layers ranked), sensitivity.png, pareto.png (accuracy vs latency and size of every
 configuration evaluated), search.json (everything measured), config.yaml (resolved), and
@@ -74,6 +75,9 @@ def validate_search_config(cfg: DictConfig) -> Budget:
             raise ConfigError(f"search.{key}={value}: use an integer >= {low}{' or null' if nullable else ''}")
     if not 0 <= s.min_kl_gain < 1:
         raise ConfigError(f"search.min_kl_gain={s.min_kl_gain}: use a fraction in [0, 1)")
+    if not cfg.dataset.get("val_fraction"):
+        raise ConfigError("dataset.val_fraction=0: the search selects on the val split and never on test; "
+                          "set dataset.val_fraction (e.g. 0.1)")
     return budget
 
 
@@ -94,30 +98,33 @@ def reused_neighbourhoods(enabled: bool = True, memo: neighbors.NeighborhoodMemo
         yield
 
 
-def search_batches(cfg: DictConfig, d: pipeline.Data) -> tuple[list, list, list]:
-    """(calibration inputs, selection (inputs, labels), report (inputs, labels)).
+def search_batches(cfg: DictConfig, d: pipeline.Data) -> tuple[list, list]:
+    """(calibration inputs, selection (inputs, labels)): everything the search chooses with.
 
     Calibration: the first `search.calib_batches` batches of the un-augmented training clouds
-    (the same loader as static PTQ in tools/quantize.py). Selection and report: the two halves
-    of a seeded permutation of the test split; the selection half is cut to `search.eval_batches`.
+    (the same loader as static PTQ in tools/quantize.py). Selection: the val split, cut to its
+    first `search.eval_batches` batches. No test cloud: those are `report_batches`, read after.
     """
     calib = [(b["xyz"], b["feats"]) for b in itertools.islice(calibration_loader(cfg), cfg.search.calib_batches)]
-    order = torch.randperm(len(d.test), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    half = len(order) // 2
-    select, report = order[:half], order[half:]
+    select = list(range(len(d.val)))
     if cfg.search.eval_batches is not None:
         select = select[: cfg.search.eval_batches * cfg.train.eval_batch_size]
+    return calib, _scoring_batches(cfg, d.val, select)
 
-    def batches(indices: list[int]) -> list:
-        loader = data.build_loader(torch.utils.data.Subset(d.test, indices), cfg.train.eval_batch_size, shuffle=False)
-        return [((b["xyz"], b["feats"]), b["label"]) for b in loader]
 
-    return calib, batches(select), batches(report)
+def report_batches(cfg: DictConfig, d: pipeline.Data) -> list:
+    """The whole test split as (inputs, labels): read once, after the choice, for the held-out figures."""
+    return _scoring_batches(cfg, d.test, list(range(len(d.test))))
+
+
+def _scoring_batches(cfg: DictConfig, split: Any, indices: list[int]) -> list:
+    loader = data.build_loader(torch.utils.data.Subset(split, indices), cfg.train.eval_batch_size, shuffle=False)
+    return [((b["xyz"], b["feats"]), b["label"]) for b in loader]
 
 
 def report_metrics(model: torch.nn.Module, batches: list, num_classes: int, reuse: bool,
                    memo: neighbors.NeighborhoodMemo) -> dict[str, float]:
-    """OA / mAcc (percent) on the held-out report half."""
+    """OA / mAcc (percent) on the held-out test split."""
     with reused_neighbourhoods(reuse, memo), torch.no_grad():
         preds = torch.cat([model(*inputs).argmax(dim=1) for inputs, _ in batches])
     result = data.classification_metrics(preds, torch.cat([labels for _, labels in batches]), num_classes)
@@ -140,9 +147,9 @@ def run(cfg: DictConfig) -> None:
     fp32, source = pipeline.obtain_teacher(cfg, d, run_dir, logger, device)
     fp32 = fp32.cpu().eval()
     logger.console(f"FP32 model: {cfg.teacher.model} width {cfg.teacher.width}, {source}")
-    calib, select, report = search_batches(cfg, d)
+    calib, select = search_batches(cfg, d)
     reuse, memo = bool(cfg.search.reuse_neighbourhoods), neighbors.NeighborhoodMemo()  # one memo for every pass over these clouds
-    logger.console(f"calibration {clouds(calib)} clouds, selection {clouds(select)}, held-out report {clouds(report)}")
+    logger.console(f"calibration {clouds(calib)} training clouds, selection {clouds(select)} val clouds")
     proxy = PTQProxy(fp32, calib, select, context=lambda: reused_neighbourhoods(reuse, memo))
     base_spec = qat.spec_from_config(cfg.qat)
     batch, threads, network_only = cfg.search.latency_batch, cfg.bench.threads, bool(cfg.search.latency_network_only)
@@ -172,7 +179,9 @@ def run(cfg: DictConfig) -> None:
     if not same:  # kept in search.json and said loudly; the tests assert it never happens
         logger.console(f"WARNING: {spec_path} re-scores {reproduced}, the search measured {result.best.scores}")
 
-    # ---- FP32 / all-int8 / searched side by side, on the selection and the held-out report half --
+    # ---- FP32 / all-int8 / searched side by side, on the val selection and the held-out test split --
+    report = report_batches(cfg, d)  # the first test cloud the search reads: the choice is made
+
     def held_out(model: torch.nn.Module) -> dict[str, float]:
         return report_metrics(model, report, d.num_classes, reuse, memo)
 
@@ -234,7 +243,7 @@ def make_verdict(sensitivity: Sensitivity, result: SearchResult, summary: dict[s
     changes = ", ".join(f"{layer}: {label}" for layer, label in result.best.assignment.items()) or "none (all int8)"
     figures = (f"FP32 {fp32.accuracy:.2f} %, all-int8 {base.accuracy:.2f} %, searched {best.accuracy:.2f} % on "
                f"{sensitivity.clouds} selection clouds (one cloud = {sensitivity.one_cloud:.2f} points); "
-               f"held-out half: "
+               f"held-out test split: "
                f"FP32 {summary['fp32']['report']['oa']:.2f} %, all-int8 {summary['all_int8']['report']['oa']:.2f} %, "
                f"searched {summary['chosen']['report']['oa']:.2f} %; KL to FP32 {base.kl:.3g} -> {best.kl:.3g}; "
                f"{result.best.latency_ms:.1f} ms vs FP32 {summary['fp32']['latency_ms']:.1f} ms")
@@ -274,7 +283,7 @@ def markdown_report(payload: dict[str, Any], sensitivity: Sensitivity, result: S
         f"# Quantization sensitivity: {payload['model']} width {payload['width']} on {payload['dataset']}",
         "",
         f"Static PTQ proxy: {payload['data']['calib_clouds']} calibration clouds (training split), scored on "
-        f"{payload['data']['select_clouds']} selection clouds (from a seeded half of the test split); the other "
+        f"{payload['data']['select_clouds']} selection clouds (the val split, carved from the training clouds); the "
         f"{payload['data']['report_clouds']} test clouds are held out for the `held-out OA` column. "
         f"KL: mean KL(FP32 ‖ int8) of the logits, nats. `ms`: {lat['what']}; `ms end to end`: neighbour search "
         f"included; both at batch {lat['batch']} with bench.threads={lat['threads']}. "

@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> None:
     if owner is not None:  # every check passed: the first byte written into the run directory
         owner.write_config(cfg)
     logger = RunLogger(cfg, run_dir)
-    logger.console(f"{cfg.dataset.name}: {len(d.train)} train / {len(d.test)} test clouds, "
+    logger.console(f"{cfg.dataset.name}: {len(d.train)} train / {len(d.val) if d.val is not None else 0} val / "
+                   f"{len(d.test)} test clouds, "
                    f"{d.num_classes} classes, {d.num_points} points; run dir {run_dir}"
                    + (f"; {distributed.world_size()} processes × {cfg.train.batch_size // distributed.world_size()} clouds per step"
                       if distributed.world_size() > 1 else ""))
@@ -76,6 +77,7 @@ def run(cfg: DictConfig) -> None:
         metrics = quantize("fp32", cfg, d, teacher, teacher, run_dir, logger, device)
         if metrics is None:  # not rank 0: training is over, rank 0 measures and writes
             return
+        metrics["teacher"] = source.to_dict()
         pipeline.write_json(run_dir / "metrics.json", metrics)
         print_results_table([("FP32 teacher", metrics)])
         return
@@ -87,7 +89,9 @@ def run(cfg: DictConfig) -> None:
     metrics = quantize(cfg.mode, cfg, d, student, teacher, run_dir, logger, device)
     if metrics is None:  # not rank 0 (see above)
         return
+    metrics["teacher"] = metrics.get("teacher", {}) | source.to_dict()  # which teacher, by file and hash
     pipeline.write_json(run_dir / "metrics.json", metrics)
+    # val/*: what sweeps and model selection optimise; test/*: reported beside them, never chosen on
     final = {"test/oa_int8": metrics["oa"], "test/macc_int8": metrics["macc"], "test/oa_fp32": metrics["fp32"]["oa"],
              "test/oa_fakequant": metrics["fakequant"]["oa"], "test/size_mb_int8": metrics["size_mb"],
              "test/latency_ms_int8_batch_1": metrics["latency_ms"]["batch_1"]}
@@ -96,8 +100,13 @@ def run(cfg: DictConfig) -> None:
                   if key.startswith("batch_")})
     logger.log(final)
     logger.summary(final)
+    if "val" in metrics:  # dataset.val_fraction > 0
+        validation = {"val/oa_int8": metrics["val"]["oa"], "val/macc_int8": metrics["val"]["macc"],
+                      "val/oa_fp32": metrics["fp32"]["val"]["oa"], "val/oa_fakequant": metrics["fakequant"]["val"]["oa"]}
+        logger.log(validation)
+        logger.summary(validation)
     logger.finish()
-    rows = [("teacher FP32", metrics["teacher"])] if "teacher" in metrics else []
+    rows = [("teacher FP32", metrics["teacher"])] if "oa" in metrics["teacher"] else []  # measured when distilling
     print_results_table(rows + [("student FP32 (init)", metrics["fp32"]), ("student fake-quant", metrics["fakequant"]),
                                 ("student int8", metrics)])
     logger.console(f"metrics: {run_dir / 'metrics.json'}  artifact: {run_dir / metrics['artifact']}")

@@ -1,0 +1,98 @@
+"""Select on val, report on test: the search and a sweep-style training run never read a test cloud
+before their final report, and `dataset.val_fraction=0` (the official protocol) trains but cannot search.
+
+The proof runs the real tools in a sealed subprocess (`_tools.tool_env`) under a guard: every read
+of a test-split item raises unless a function named in GUARD_RELEASE is on the call stack (the
+final report: `quantized_run_metrics` for training, `report_batches` for the search).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _tools import ROOT, TINY, run_tool, tool_env
+
+GUARD = '''
+import os, runpy, sys
+import data.dataset
+
+RELEASE = set(os.environ["GUARD_RELEASE"].split(","))
+read = data.dataset.PointCloudDataset.__getitem__
+
+
+def guarded(self, key):
+    if self.split == "test":
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name not in RELEASE:
+            frame = frame.f_back
+        if frame is None:
+            raise RuntimeError("GUARD: a test cloud was read outside the final report")
+    return read(self, key)
+
+
+data.dataset.PointCloudDataset.__getitem__ = guarded
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+SEARCH_TINY = ["bench.threads=1", "search.latency_repeats=2", "search.options=[fp32,act:minmax]", "search.max_evals=3",
+               "search.top_k=2"]
+
+
+def guarded_run(tool: str, workdir: Path, release: str, *args: str) -> subprocess.CompletedProcess:
+    """`tools/<tool> args` with test-split reads allowed only inside the functions named in `release`."""
+    script = workdir / "guard.py"
+    script.write_text(GUARD)
+    env = tool_env(workdir, threads=1) | {"GUARD_RELEASE": release}
+    return subprocess.run([sys.executable, str(script), str(ROOT / "tools" / tool), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_sweep_style_training_run_reads_test_clouds_only_in_its_final_report(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = guarded_run("train_kd_qat.py", tmp_path, "quantized_run_metrics", *TINY, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for figures in (metrics, metrics["fp32"], metrics["fakequant"], metrics["teacher"]):  # val beside test, everywhere
+        assert set(figures["val"]) == {"oa", "macc"} and "oa" in figures
+    assert any("val/oa_fakequant" in epoch for epoch in metrics["history"])  # per-epoch validation ran, on val
+
+
+@pytest.mark.slow
+def test_the_guard_catches_a_test_read(tmp_path):
+    """Negative control: with no release point the same run must trip the guard (it sees test reads)."""
+    proc = guarded_run("train_kd_qat.py", tmp_path, "no_such_function", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and "GUARD: a test cloud was read" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_qconfig_search_selects_on_val_and_reads_test_only_for_its_report(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = guarded_run("search_qconfig.py", tmp_path, "report_batches", *TINY, *SEARCH_TINY, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    search = json.loads((run_dir / "search.json").read_text())
+    # TINY: 6 training clouds per class, 10 % to val (at least one) -> 16 val clouds; 3 x 16 test clouds
+    assert (search["data"]["select_clouds"], search["data"]["report_clouds"]) == (16, 48)
+
+
+def test_the_search_refuses_without_a_val_split(tmp_path):
+    proc = run_tool("search_qconfig.py", tmp_path, *TINY, "dataset.val_fraction=0", f"hydra.run.dir={tmp_path / 'r'}",
+                    check=False)
+    assert proc.returncode != 0
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "dataset.val_fraction=0" in line and "set dataset.val_fraction" in line
+    assert not (tmp_path / "cache" / "teachers").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_official_protocol_runs_train_without_per_epoch_validation(tmp_path):
+    run_dir = tmp_path / "run"
+    run_tool("train_kd_qat.py", tmp_path, *TINY, "dataset.val_fraction=0", f"hydra.run.dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "val" not in metrics and "oa" in metrics
+    assert not any(key.startswith("val/") for epoch in metrics["history"] for key in epoch)
