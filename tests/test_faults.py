@@ -128,6 +128,24 @@ def test_sigkill_mid_epoch_then_mid_checkpoint_write_resumes_to_the_uninterrupte
 
 
 @pytest.mark.slow
+def test_resume_with_a_wrong_learning_rate_is_told_apart_from_the_uninterrupted_run(workdir, reference):
+    """Negative control of the test above: its comparison sees a resume that diverged."""
+    import torch
+
+    run = workdir / "wrong_lr"
+    proc = faulty(workdir, f"backward:{STEPS_PER_EPOCH + 2}", run)  # killed in epoch 1
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpt = run / "student" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["scheduler"]["base_values"] = [10 * lr for lr in state["scheduler"]["base_values"]]  # wrong lr from here
+    torch.save(state, ckpt)
+    clean(workdir, run, "resume=true")
+    resumed = final(run)
+    assert resumed["history"][0] == reference["history"][0]  # epoch 0 came from the checkpoint
+    assert resumed != reference
+
+
+@pytest.mark.slow
 def test_a_worker_restarted_by_torchrun_resumes_by_itself(workdir, reference):
     run = workdir / "elastic"
     proc = faulty(workdir, f"backward:{STEPS_PER_EPOCH + 2}", run,
