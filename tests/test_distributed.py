@@ -203,7 +203,10 @@ def test_synchronised_moving_average_ranges_equal_one_process_on_the_global_batc
 # quants' qparams inside each step's forward, computed by each rank from its own half of the
 # batch (ranges are synchronised after the step, exactly, see qat/distributed.py). BN is frozen
 # (qat.freeze_bn_epoch=0: per-rank batch statistics differ from the global batch's without
-# SyncBatchNorm, which is CUDA-only) and dropout is off (masks are drawn per rank).
+# SyncBatchNorm, which is CUDA-only) and dropout is off (masks are drawn per rank). On a tiny
+# configuration that learns, the per-rank qparams of epoch 0 move the epoch losses by up to ~1.6 %
+# (measured: 0.5319/0.5307 vs 0.5289/0.5390) and the OA by one test cloud: hence rel=3e-2; the
+# negative control (a rank reading other data) shows that the comparison still tells runs apart.
 # The teacher is given (trained once, by the one-process run), so both runs distil the same one.
 EQUIVALENT = TINY_DATA + TINY_TRAIN + ["qat.freeze_bn_epoch=0", "+model.dropout=0"]
 # Rank 1 reads another synthetic benchmark: the negative control of the 2-vs-1 comparison.
@@ -232,7 +235,7 @@ def _same_run(one: dict, two: dict) -> bool:
     close = [abs(one[key] - two[key]) <= 100 / test_clouds + 1e-9  # at most one test cloud apart
              for key in ("oa", "macc")] + [abs(one["fakequant"][key] - two["fakequant"][key]) <= 100 / test_clouds + 1e-9
                                            for key in ("oa", "macc")]
-    losses = [a["train/loss_epoch"] == pytest.approx(b["train/loss_epoch"], rel=1e-3)
+    losses = [a["train/loss_epoch"] == pytest.approx(b["train/loss_epoch"], rel=3e-2)
               for a, b in zip(one["history"], two["history"])]
     return all(close) and all(losses)
 
