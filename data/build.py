@@ -69,7 +69,7 @@ def _load(name: str, c: dict[str, Any], split: str) -> CloudSplit:
     if name == "synthetic":
         try:
             gen = SyntheticConfig(**{k: int(c[k]) for k in ("seed", "train_per_class", "test_per_class",
-                                                             "points_per_shape") if k in c})
+                                                             "points_per_shape", "num_classes") if k in c})
         except DataError:
             raise
         except (TypeError, ValueError) as e:

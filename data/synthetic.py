@@ -28,10 +28,10 @@ import numpy as np
 
 from data._primitives import rotation
 from data.modelnet40 import write_modelnet40
-from data.shapes import CLASSES, class_names
+from data.shapes import CLASSES
 from data.validate import DataError
 
-__all__ = ["NUISANCE", "Nuisance", "SyntheticConfig", "ensure_synthetic", "generate", "generate_cloud"]
+__all__ = ["NUISANCE", "Nuisance", "SUBSET_ORDER", "SyntheticConfig", "ensure_synthetic", "generate", "generate_cloud"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ GENERATOR_VERSION = 1  # bump when shapes or nuisances change, so old caches are
 MARKER = "COMPLETE.json"
 STALE_TMP_S = 3600  # temp folders older than this are from killed runs and are swept away
 _SPLIT_ID = {"train": 0, "test": 1}
+# Fewer classes (`dataset.num_classes=K`) take the first K of this order: dissimilar shapes first
+# (a bowl, a beam, a table, a bottle, ...), so a small K gives a task a tiny model learns in seconds.
+# A cloud is drawn from its class's index in `CLASSES`, so a bowl is the same bowl whatever K is.
+SUBSET_ORDER = ("bowl", "i_beam", "table", "bottle", "bookshelf", "l_bracket", "lamp", "chair",
+                "vase", "u_channel", "stool", "cabinet", "mug", "t_bracket", "desk", "cup")
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,15 @@ class SyntheticConfig:
         train_per_class: Training clouds per class.
         test_per_class: Test clouds per class.
         points_per_shape: Points stored per cloud (the model uses the first `num_points`).
+        num_classes: How many classes: all 16 (the benchmark), or fewer taken from `SUBSET_ORDER`
+            (e.g. 4 for the tests' tiny runs, which must learn in seconds).
     """
 
     seed: int = 0
     train_per_class: int = 150
     test_per_class: int = 50
     points_per_shape: int = 1024
+    num_classes: int = len(CLASSES)
 
     def __post_init__(self) -> None:
         if int(self.seed) < 0:
@@ -63,11 +71,20 @@ class SyntheticConfig:
         for name in ("train_per_class", "test_per_class", "points_per_shape"):
             if int(getattr(self, name)) < 1:
                 raise DataError(f"dataset.{name}={getattr(self, name)} must be a positive integer")
+        if not 2 <= int(self.num_classes) <= len(CLASSES):
+            raise DataError(f"dataset.num_classes={self.num_classes}: the synthetic benchmark has 2 to "
+                            f"{len(CLASSES)} classes; choose a number in that range")
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order: all of `CLASSES`, or the first `num_classes` of `SUBSET_ORDER`."""
+        return list(CLASSES) if self.num_classes == len(CLASSES) else list(SUBSET_ORDER[:self.num_classes])
 
     def key(self) -> str:
-        """Cache folder name: readable, and different for any parameter change."""
+        """Cache folder name: readable, and different for any parameter change (the 16-class key is unchanged)."""
+        subset = "" if self.num_classes == len(CLASSES) else f"-cls{self.num_classes}"
         return (f"seed{self.seed}-train{self.train_per_class}-test{self.test_per_class}"
-                f"-pts{self.points_per_shape}-v{GENERATOR_VERSION}")
+                f"-pts{self.points_per_shape}{subset}-v{GENERATOR_VERSION}")
 
 
 def _normalize(pts: np.ndarray) -> np.ndarray:
@@ -136,9 +153,10 @@ def generate(cfg: SyntheticConfig, nuisance: Nuisance = NUISANCE) -> dict[str, t
     out = {}
     for split, per_class in (("train", cfg.train_per_class), ("test", cfg.test_per_class)):
         sid = _SPLIT_ID[split]
+        index = [list(CLASSES).index(name) for name in cfg.classes]
         clouds = [generate_cloud(c, np.random.default_rng([cfg.seed, sid, c, i]), cfg.points_per_shape, nuisance)
-                  for c in range(len(CLASSES)) for i in range(per_class)]
-        labels = np.repeat(np.arange(len(CLASSES)), per_class)
+                  for c in index for i in range(per_class)]
+        labels = np.repeat(np.arange(len(index)), per_class)
         order = np.random.default_rng([cfg.seed, sid, 2**31 - 1]).permutation(len(labels))  # mix classes
         out[split] = (np.stack(clouds)[order], labels[order])
     return out
@@ -198,7 +216,7 @@ def ensure_synthetic(root: str | Path, cfg: SyntheticConfig) -> Path:
     try:
         start = time.perf_counter()
         try:
-            write_modelnet40(tmp, generate(cfg), class_names())
+            write_modelnet40(tmp, generate(cfg), cfg.classes)
             (tmp / MARKER).write_text(json.dumps(_marker(cfg, tmp), indent=1))  # written last: the commit point
         except (OSError, RuntimeError) as e:
             raise DataError(f"{tmp}: writing the synthetic cache failed ({str(e).splitlines()[0]}); "

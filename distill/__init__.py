@@ -1,5 +1,5 @@
 """Teacher–student training: the engine, the losses, the frozen teacher, checkpoints."""
-from .checkpoint import atomic_torch_save, load_training_checkpoint
+from .checkpoint import CheckpointWriteError, atomic_torch_save, load_training_checkpoint
 from .engine import Engine, EngineConfig, EpochHook, NonFiniteLossError, TrainingStopped, predict, seed_everything
 from .losses import DistillationLoss, kd_kl_loss
 from .teacher import FrozenTeacher
@@ -7,4 +7,5 @@ from .teacher import FrozenTeacher
 __all__ = [
     "Engine", "EngineConfig", "EpochHook", "NonFiniteLossError", "TrainingStopped", "predict", "seed_everything",
     "DistillationLoss", "kd_kl_loss", "FrozenTeacher", "atomic_torch_save", "load_training_checkpoint",
+    "CheckpointWriteError",
 ]

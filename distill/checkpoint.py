@@ -8,7 +8,11 @@ import torch
 
 from models import atomic_write, read_checkpoint
 
-__all__ = ["atomic_torch_save", "load_training_checkpoint", "remove_stale_temporaries"]
+__all__ = ["CheckpointWriteError", "atomic_torch_save", "load_training_checkpoint", "remove_stale_temporaries"]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact."""
 
 
 def _temporaries(path: Path) -> list[Path]:
@@ -22,8 +26,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     A process killed at any moment leaves either the previous complete file or the new complete
     file, never a truncated one that a later `resume=true` would trust. What a kill can leave is
     a hidden `.<name>.*.tmp` beside it, which nothing reads (see `remove_stale_temporaries`).
+    A failed write (e.g. ENOSPC: the disk filled) leaves the previous file and raises one line.
     """
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise CheckpointWriteError(f"checkpoint {path}: could not be written ({reason}); the previous one is kept; "
+                                   "free disk space, then continue with resume=true") from None
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import data
 import qat
-from distill import DistillationLoss, NonFiniteLossError
+from distill import CheckpointWriteError, DistillationLoss, NonFiniteLossError
 from distill import distributed
 from models import CheckpointError, create_model
 
@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 # Errors that mean "the user's input is wrong" (or a run that cannot go on, like a NaN loss):
 # the tools print them as one line and exit 2 (`runtime/exits.py`).
-USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, data.DataError, CheckpointError, qat.SpecError, FileNotFoundError, NonFiniteLossError,
+               CheckpointWriteError)
 
 # Ranges of numeric config values: key -> (integer?, lowest, highest, lowest excluded?, null allowed?).
 _RANGES: dict[str, tuple[bool, float, float, bool, bool]] = {

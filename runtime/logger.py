@@ -121,16 +121,28 @@ class RunLogger:
             handle.write(json.dumps(record, default=float) + "\n")
         if self.wandb_run is not None:
             # W&B's own step must only grow, while each phase restarts its optimizer step.
-            self.wandb_run.log(metrics if step is None else {**metrics, "trainer/step": step})
+            self._to_wandb(lambda run: run.log(metrics if step is None else {**metrics, "trainer/step": step}))
         line = epoch_line(metrics)
         if line:
             self.console(line)
 
+    def _to_wandb(self, call: Any) -> None:
+        """`call(run)`; a W&B failure mid-run (service gone, disk, network) stops W&B logging, not the run."""
+        try:
+            call(self.wandb_run)
+        except Exception as err:  # whatever wandb raises: the run and log.jsonl matter more than the dashboard
+            self.wandb_run = None
+            self.console(f"W&B logging failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         f"the run goes on, metrics are logged to {self.jsonl}")
+
     def summary(self, metrics: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
+        def write(run: Any) -> None:
             for key, value in metrics.items():
-                self.wandb_run.summary[key] = value
+                run.summary[key] = value
+
+        if self.wandb_run is not None:
+            self._to_wandb(write)
 
     def finish(self) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self._to_wandb(lambda run: run.finish())

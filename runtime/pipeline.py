@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from distill import (
     seed_everything,
 )
 from distill import distributed
-from models import atomic_write, create_model, load_checkpoint
+from models import CheckpointError, atomic_write, create_model, load_checkpoint
 from models.neighbors import shared_neighborhoods
 
 from runtime.config import ConfigError, wants_resume
@@ -135,6 +136,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, epochs: in
     )
 
 
+# Epoch e of a phase runs with seed `cfg.seed + PHASE_SEED_OFFSET[phase] + e` (distill/engine.py re-seeds
+# the RNGs and the loader's shuffle from it). Each phase has its own stream, so the student's epoch e
+# does not replay the teacher's epoch-e order and augmentation; 10**6 apart: disjoint for any real run.
+PHASE_SEED_OFFSET = {"teacher": 0, "student": 1_000_000}
+
+
 def run_engine(
     model: nn.Module,
     cfg: DictConfig,
@@ -178,7 +185,7 @@ def run_engine(
         hooks=hooks,
         num_classes=d.num_classes,
         device=device,
-        config=EngineConfig(epochs=epochs, seed=cfg.seed, tag=tag, log_every=cfg.train.log_every,
+        config=EngineConfig(epochs=epochs, seed=cfg.seed + PHASE_SEED_OFFSET[phase], tag=tag, log_every=cfg.train.log_every,
                             max_grad_norm=cfg.optim.max_grad_norm, nonfinite=cfg.train.nonfinite,
                             checkpoint_dir=run_dir / phase),
         log_fn=lambda metrics, step: logger.log({f"{phase}/{k}" if phase == "teacher" else k: v
@@ -196,8 +203,30 @@ def run_engine(
     return engine
 
 
+# The code that trains a teacher: a change to any of these files may change the weights it ends with.
+TEACHER_CODE = ("models", "data", "distill", "runtime/pipeline.py")
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_code_stamp(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """Hash of the source of `TEACHER_CODE`: a cached teacher is reused only by the code that trained it.
+
+    A hash rather than a version constant bumped by hand: a forgotten bump would silently reuse a
+    teacher the current code would not train (the failure the cache key exists to prevent), while
+    a needless retrain after an edit that changes nothing costs only minutes.
+    """
+    digest = hashlib.sha256()
+    for entry in TEACHER_CODE:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _teacher_cache_key(cfg: DictConfig) -> str:
-    """Everything that determines a trained teacher: data, architecture, recipe, seed."""
+    """Everything that determines a trained teacher: data, architecture, recipe, seed, the code that
+    trains it, and how BN sees the batch (with N processes and no `train.sync_bn`, each rank normalises
+    with its own 1/N of the batch, so the world size changes the teacher)."""
+    sync_bn = bool(OmegaConf.select(cfg, "train.sync_bn", default=False))
     keyed = {
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -208,6 +237,9 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
         "label_smoothing": cfg.distill.label_smoothing,
         "batch_size": cfg.train.batch_size,
         "seed": cfg.seed,
+        "sync_bn": sync_bn,
+        "bn_world_size": 1 if sync_bn else distributed.world_size(),
+        "code": teacher_code_stamp(),
     }
     keyed["dataset"].pop("num_workers", None)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -255,9 +287,26 @@ class TeacherSource:
         return "trained in this run" if self.kind == "trained" else f"{self.kind} {self.path}"
 
 
+def _load_teacher(model: nn.Module, path: Path, key: str, logger: RunLogger) -> bool:
+    """Loads a teacher saved by `obtain_teacher` if it was trained under cache key `key`; says why not."""
+    try:
+        recorded = load_checkpoint(model, path).get("cache_key")
+    except CheckpointError as err:  # truncated or corrupt: retrain rather than fail or trust it
+        logger.console(f"{path}: unusable ({str(err).splitlines()[0]}); training the teacher again")
+        return False
+    if recorded != key:
+        logger.console(f"{path}: trained with another config or code (cache key {recorded} != {key}); "
+                       "training the teacher again")
+        return False
+    return True
+
+
 def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger,
                    device: torch.device) -> tuple[nn.Module, TeacherSource]:
     """The FP32 teacher: `teacher.ckpt`, else a cached one, else trained here (then cached).
+
+    The run directory's `teacher/final.pt` and the cache's `teachers/<key>.pt` record the cache key
+    they were trained under, and are reused only when it equals the current one.
 
     Returns:
         The model (eval mode) and where it came from.
@@ -266,11 +315,11 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger,
     if cfg.teacher.ckpt:
         load_checkpoint(model, cfg.teacher.ckpt)
         return model.eval(), TeacherSource("checkpoint", Path(cfg.teacher.ckpt), weights_sha256(model))
-    cached = Path(cfg.cache_dir) / "teachers" / f"{_teacher_cache_key(cfg)}.pt"
+    key = _teacher_cache_key(cfg)
+    cached = Path(cfg.cache_dir) / "teachers" / f"{key}.pt"
     final = run_dir / "teacher" / "final.pt"
     for source in (final, cached if cfg.teacher.cache else None):
-        if source is not None and source.is_file():
-            load_checkpoint(model, source)
+        if source is not None and source.is_file() and _load_teacher(model, source, key, logger):
             return model.eval(), TeacherSource("cached", source, weights_sha256(model))
     logger.console(f"training the FP32 teacher for {cfg.teacher.epochs} epochs (cached for later runs)")
     seed_everything(cfg.seed)
@@ -282,9 +331,10 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger,
     if degenerate:
         logger.console(f"warning: the teacher trained here is not cached: {degenerate}")
     if distributed.is_main():  # every rank holds the same teacher; one writes it
-        atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, final)
+        saved = {"model": model.state_dict(), "epochs": cfg.teacher.epochs, "cache_key": key}
+        atomic_torch_save(saved, final)
         if cfg.teacher.cache and not degenerate:
-            atomic_torch_save({"model": model.state_dict(), "epochs": cfg.teacher.epochs}, cached)
+            atomic_torch_save(saved, cached)
     distributed.barrier()
     return model.eval(), TeacherSource("trained", final, weights_sha256(model))
 

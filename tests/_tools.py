@@ -14,12 +14,27 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small enough that a whole KD-QAT run (teacher included) takes seconds on one core.
-TINY_DATA = ["dataset.train_per_class=6", "dataset.test_per_class=3", "dataset.num_points=128",
-             "train.num_workers=0"]
-TINY_TRAIN = ["model.width=8", "teacher.epochs=1", "train.epochs=2", "train.batch_size=16",
-              "train.eval_batch_size=16", "bench.repeats=1"]
+# Small enough that a whole KD-QAT run (teacher included) takes seconds on one core, and large
+# enough that it learns: 4 dissimilar synthetic classes (data/synthetic.py: SUBSET_ORDER), 64 points,
+# width 8, a 10-epoch teacher at lr 3e-3. Its test OA (~65 %) is far from chance (25 %), so a test
+# comparing two accuracies can tell a trained model from a constant-class one (`assert_learned`).
+TINY_CLASSES = 4
+TINY_TRAIN_PER_CLASS, TINY_BATCH = 32, 16
+TINY_STEPS_PER_EPOCH = TINY_CLASSES * TINY_TRAIN_PER_CLASS // TINY_BATCH  # drop_last: 8
+TINY_DATA = [f"dataset.num_classes={TINY_CLASSES}", f"dataset.train_per_class={TINY_TRAIN_PER_CLASS}",
+             "dataset.test_per_class=10", "dataset.num_points=64", "train.num_workers=0"]
+TINY_TRAIN = ["model.width=8", "teacher.epochs=10", "optim.lr=0.003", "train.epochs=2",
+              f"train.batch_size={TINY_BATCH}", "train.eval_batch_size=16", "bench.repeats=1"]
 TINY = TINY_DATA + TINY_TRAIN
+# A learned model: at least this test OA (percent); chance is 100 / TINY_CLASSES = 25 %.
+LEARNED_OA = 45.0
+
+
+def assert_learned(oa: float, what: str = "model") -> None:
+    """Fails unless `oa` (percent) is well above chance: comparing accuracies of untrained or
+    constant-class models proves nothing (they all score 100 / classes)."""
+    assert oa >= LEARNED_OA, (f"{what}: OA {oa:.2f} % is not above {LEARNED_OA} % (chance "
+                              f"{100 / TINY_CLASSES:.0f} %): the tiny configuration no longer learns")
 
 
 def tool_env(workdir: Path, threads: int | None = None) -> dict[str, str]:

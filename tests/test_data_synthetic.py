@@ -14,6 +14,7 @@ from data.baseline import baseline_accuracy
 from data.modelnet40 import load_modelnet40
 from data.shapes import CLASSES, class_names
 from data.synthetic import MARKER, SyntheticConfig, ensure_synthetic, generate, generate_cloud
+from data.validate import DataError
 
 TINY = SyntheticConfig(seed=0, train_per_class=2, test_per_class=1, points_per_shape=128)
 
@@ -75,8 +76,31 @@ def test_cache_is_reused_not_regenerated(tmp_path):
 
 def test_cache_key_changes_with_every_generator_parameter(tmp_path):
     variants = [TINY, SyntheticConfig(1, 2, 1, 128), SyntheticConfig(0, 3, 1, 128), SyntheticConfig(0, 2, 2, 128),
-                SyntheticConfig(0, 2, 1, 64)]
+                SyntheticConfig(0, 2, 1, 64), SyntheticConfig(0, 2, 1, 128, num_classes=4)]
     assert len({v.key() for v in variants}) == len(variants)
+    assert TINY.key() == "seed0-train2-test1-pts128-v1"  # the 16-class benchmark keeps its caches
+
+
+def test_fewer_classes_take_the_subset_order_and_keep_each_class_clouds():
+    from data.shapes import CLASSES
+    from data.synthetic import SUBSET_ORDER
+
+    assert sorted(SUBSET_ORDER) == sorted(CLASSES)
+    few = SyntheticConfig(0, 2, 1, 128, num_classes=4)
+    assert few.classes == list(SUBSET_ORDER[:4]) and TINY.classes == list(CLASSES)
+    points, labels = generate(few)["train"]
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    all_points, all_labels = generate(TINY)["train"]
+    for label, name in enumerate(few.classes):  # the same clouds as in the 16-class benchmark
+        ours = points[labels == label][np.argsort(points[labels == label][:, 0, 0])]
+        theirs = all_points[all_labels == list(CLASSES).index(name)]
+        np.testing.assert_array_equal(ours, theirs[np.argsort(theirs[:, 0, 0])])
+
+
+@pytest.mark.parametrize("num_classes", [1, 17])
+def test_class_count_outside_the_benchmark_is_refused(num_classes):
+    with pytest.raises(DataError, match=f"dataset.num_classes={num_classes}"):
+        SyntheticConfig(num_classes=num_classes)
 
 
 def test_folder_without_marker_is_not_trusted(tmp_path):

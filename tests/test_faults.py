@@ -1,4 +1,6 @@
-"""Faults: SIGKILL mid-epoch and mid-checkpoint-write, torchrun restarts, non-finite losses.
+"""Faults: SIGKILL mid-epoch and mid-checkpoint-write, a full disk, a truncated checkpoint,
+torchrun restarts, non-finite losses. (A corrupt cached teacher: tests/test_runtime_pipeline.py;
+W&B failing mid-run: tests/test_runtime_logger.py.)
 
 Each faulty run is the real tool started through a small wrapper that injects one fault into
 an otherwise untouched process: it kills itself with SIGKILL at the N-th backward pass or
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import _tools as tools
-from _tools import ROOT, TINY
+from _tools import ROOT, TINY, TINY_STEPS_PER_EPOCH, assert_learned
 
 WRAPPER = r'''
 import os, runpy, signal, sys
@@ -44,6 +46,16 @@ elif kind == "replace":  # SIGKILL inside atomic_torch_save: temp file written a
             os.kill(os.getpid(), signal.SIGKILL)
         return real_replace(src, dst, *args, **kwargs)
     os.replace = replace
+elif kind == "enospc":  # the disk fills while the n-th student checkpoint is written
+    import errno, torch
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if os.path.basename(os.path.dirname(str(f))) == "student" and due():
+            with open(f, "wb") as handle:
+                handle.write(b"PK\x03\x04 partial")  # what got onto the disk before it was full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
 elif kind in ("nan_from", "nan_every"):  # the loss becomes NaN from the n-th call on / every n-th call
     from distill import losses
     real_forward = losses.DistillationLoss.forward
@@ -57,7 +69,7 @@ elif kind in ("nan_from", "nan_every"):  # the loss becomes NaN from the n-th ca
 sys.argv = [tool, *sys.argv[3:]]
 runpy.run_path(tool, run_name="__main__")
 '''
-STEPS_PER_EPOCH = 16 * 6 // 16  # TINY: 16 classes x 6 train clouds, batch 16
+STEPS_PER_EPOCH = TINY_STEPS_PER_EPOCH
 EPOCHS = 2  # TINY's train.epochs
 
 
@@ -90,7 +102,9 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(workdir):
     clean(workdir, workdir / "reference")
-    return final(workdir / "reference")
+    metrics = final(workdir / "reference")
+    assert_learned(metrics["oa"], "reference run")  # so that "the same metrics" can tell runs apart
+    return metrics
 
 
 @pytest.mark.slow
@@ -111,6 +125,24 @@ def test_sigkill_mid_epoch_then_mid_checkpoint_write_resumes_to_the_uninterrupte
     assert "resumed student" in proc.stdout
     assert final(run) == reference
     assert not list((run / "student").glob(".last.pt.*.tmp"))
+
+
+@pytest.mark.slow
+def test_resume_with_a_wrong_learning_rate_is_told_apart_from_the_uninterrupted_run(workdir, reference):
+    """Negative control of the test above: its comparison sees a resume that diverged."""
+    import torch
+
+    run = workdir / "wrong_lr"
+    proc = faulty(workdir, f"backward:{STEPS_PER_EPOCH + 2}", run)  # killed in epoch 1
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpt = run / "student" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["scheduler"]["base_values"] = [10 * lr for lr in state["scheduler"]["base_values"]]  # wrong lr from here
+    torch.save(state, ckpt)
+    clean(workdir, run, "resume=true")
+    resumed = final(run)
+    assert resumed["history"][0] == reference["history"][0]  # epoch 0 came from the checkpoint
+    assert resumed != reference
 
 
 @pytest.mark.slow
@@ -144,4 +176,34 @@ def test_nonfinite_skip_mode_skips_and_counts_the_batches_in_the_log(workdir, re
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     skipped = [r["train/skipped_steps"] for r in records if "train/skipped_steps" in r]
-    assert skipped == [2.0, 2.0]  # 6 batches per epoch, every third loss NaN
+    assert skipped == [2.0, 3.0]  # 8 batches per epoch, every third loss NaN: calls 3, 6 | 9, 12, 15
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_says_so(workdir, reference):
+    import torch
+
+    run = workdir / "enospc"
+    proc = faulty(workdir, "enospc:2", run)  # the checkpoint after epoch 1 does not fit on the disk
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {run / 'student' / 'last.pt'}: could not be written "
+                           "(No space left on device); the previous one is kept"), proc.stderr[-2000:]
+    kept = torch.load(run / "student" / "last.pt", weights_only=True)
+    assert kept["epoch"] == 1 and kept["step"] == STEPS_PER_EPOCH  # epoch 0's, whole
+    assert not list((run / "student").glob(".last.pt.*"))  # the partial temporary was removed
+    clean(workdir, run, "resume=true")  # disk freed: the run continues to the uninterrupted result
+    assert final(run) == reference
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_at_resume_fails_in_one_line_naming_the_file(workdir, reference):
+    run = workdir / "truncated"
+    clean(workdir, run, "train.epochs=1")
+    ckpt = run / "student" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # e.g. a copy that was cut short
+    proc = tools.run_tool("train_kd_qat.py", workdir, *TINY, f"hydra.run.dir={run}", "resume=true", threads=1,
+                          check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {ckpt}: unreadable"), proc.stderr[-2000:]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from _tools import ROOT, TINY_DATA, run_tool
+from _tools import ROOT, TINY_CLASSES, TINY_DATA, TINY_TRAIN, TINY_TRAIN_PER_CLASS, assert_learned, run_tool
 
 DATA = TINY_DATA
-TRAIN = ["model.width=8", "teacher.epochs=1", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=16",
-         "bench.repeats=1"]
+TRAIN = TINY_TRAIN + ["train.epochs=1"]
+K = TINY_CLASSES
+TEST_PER_CLASS = 10  # TINY_DATA's dataset.test_per_class
 
 
 def run(workdir: Path, tool: str, *args: str) -> subprocess.CompletedProcess:
@@ -44,12 +45,33 @@ def test_evaluate_int8_artifact_reproduces_the_accuracy_in_metrics_json(finished
     metrics = json.loads((run_dir / "metrics.json").read_text())
     result = evaluate(workdir, run_dir / "model_int8.pt", "eval_int8")
     assert result["kind"] == "int8" and result["split"] == "test"
+    assert_learned(metrics["oa"], "int8 student")
     assert result["oa"] == pytest.approx(metrics["oa"], abs=1e-9)
     assert result["macc"] == pytest.approx(metrics["macc"], abs=1e-9)
     assert result["per_class_acc"] == pytest.approx(metrics["per_class_acc"], abs=1e-9)
     confusion = np.array(result["confusion"])
-    assert confusion.shape == (16, 16) and confusion.sum(axis=1).tolist() == [3] * 16
+    assert confusion.shape == (K, K) and confusion.sum(axis=1).tolist() == [TEST_PER_CLASS] * K
     assert 100 * np.trace(confusion) / confusion.sum() == pytest.approx(result["oa"])
+
+
+class ConstantClass(torch.nn.Module):
+    """An int8 'artifact' that answers class 0 for every cloud: what a model that learned nothing scores."""
+
+    def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.zeros(xyz.shape[0], dtype=torch.long), 4).float()
+
+
+@pytest.mark.slow
+def test_evaluate_of_another_artifact_does_not_reproduce_the_reported_accuracy(finished_run, tmp_path):
+    """Negative control of the test above: evaluate reads the artifact it is given, and the comparison sees it."""
+    workdir, run_dir = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    fake = tmp_path / "model_int8.pt"
+    torch.jit.script(ConstantClass()).save(str(fake))
+    (tmp_path / "model_int8.json").write_text((run_dir / "model_int8.json").read_text())  # the run's own sidecar
+    result = evaluate(workdir, fake, "eval_constant")
+    assert result["oa"] == pytest.approx(100 / K)
+    assert result["oa"] != pytest.approx(metrics["oa"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -58,6 +80,7 @@ def test_evaluate_qat_checkpoint_rebuilds_the_student_and_matches_its_fakequant_
     metrics = json.loads((run_dir / "metrics.json").read_text())
     result = evaluate(workdir, run_dir / "student" / "last.pt", "eval_qat", "model.width=32")  # width: the run's config
     assert result["kind"] == "qat"
+    assert_learned(metrics["fakequant"]["oa"], "fake-quant student")
     assert (result["oa"], result["macc"]) == pytest.approx((metrics["fakequant"]["oa"], metrics["fakequant"]["macc"]))
 
 
@@ -67,6 +90,7 @@ def test_evaluate_fp32_checkpoint_matches_the_fp32_figures_and_a_direct_evaluati
     metrics = json.loads((run_dir / "metrics.json").read_text())
     result = evaluate(workdir, run_dir / "teacher" / "final.pt", "eval_fp32")
     assert result["kind"] == "fp32"
+    assert_learned(metrics["fp32"]["oa"], "FP32 model")
     assert (result["oa"], result["macc"]) == pytest.approx((metrics["fp32"]["oa"], metrics["fp32"]["macc"]))
     from omegaconf import OmegaConf
 
@@ -76,10 +100,10 @@ def test_evaluate_fp32_checkpoint_matches_the_fp32_figures_and_a_direct_evaluati
     cfg = OmegaConf.load(run_dir / "config.yaml")
     test = data.build_dataset(cfg.dataset, "test")
     batch = next(iter(data.build_loader(test, len(test), shuffle=False)))
-    model = create_model("pointnext-s", num_classes=16, width=8)
+    model = create_model("pointnext-s", num_classes=K, width=8)
     load_checkpoint(model, run_dir / "teacher" / "final.pt")
     with torch.no_grad():
-        reference = data.classification_metrics(model.eval()(batch["xyz"], batch["feats"]), batch["label"], 16)
+        reference = data.classification_metrics(model.eval()(batch["xyz"], batch["feats"]), batch["label"], K)
     assert result["confusion"] == reference["confusion"].tolist()
 
 
@@ -87,7 +111,7 @@ def test_evaluate_fp32_checkpoint_matches_the_fp32_figures_and_a_direct_evaluati
 def test_evaluate_train_split_reads_every_training_cloud(finished_run):
     workdir, run_dir = finished_run
     result = evaluate(workdir, run_dir / "model_int8.pt", "eval_train", "split=train")
-    assert result["split"] == "train" and result["num_clouds"] == 16 * 6
+    assert result["split"] == "train" and result["num_clouds"] == K * TINY_TRAIN_PER_CLASS
 
 
 @pytest.mark.slow
@@ -127,7 +151,7 @@ def predictions(stdout: str) -> dict[str, list[tuple[str, float]]]:
 
 @pytest.fixture(scope="module")
 def cloud() -> np.ndarray:
-    """A float32 cloud of 200 points (more than the artifact's 128) off the origin and not unit-scaled."""
+    """A float32 cloud of 200 points (more than the artifact's 64) off the origin and not unit-scaled."""
     return (np.random.default_rng(0).normal(size=(200, 3)) * 3 + 5).astype(np.float32)
 
 
@@ -143,32 +167,32 @@ def test_predict_gives_one_answer_for_the_same_cloud_in_every_format(finished_ru
     with h5py.File(tmp_path / "g.h5", "w") as f:
         f["data"] = np.stack([cloud, cloud])  # every cloud of the file, in order
     (tmp_path / "notes.md").write_text("not a cloud: skipped in a directory\n")
-    proc = run(workdir, "predict.py", f"artifact={run_dir / 'model_int8.pt'}", f"input={tmp_path}", "topk=16")
+    proc = run(workdir, "predict.py", f"artifact={run_dir / 'model_int8.pt'}", f"input={tmp_path}", f"topk={K}")
     assert proc.returncode == 0, proc.stderr
     result = predictions(proc.stdout)
     names = ["a.npy", "b_six_columns.npy", "c.txt", "d.xyz", "e_ascii.ply", "f_binary.ply", "g.h5[0]", "g.h5[1]"]
     assert list(result) == [str(tmp_path / n) for n in names]  # sorted files, every cloud of the h5
     first = result[str(tmp_path / "a.npy")]
     assert all(ranked == first for ranked in result.values())
-    probs = [p for _, p in first]  # all 16 classes: even an axis swap would move some of them
-    assert len(first) == 16 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=0.01)
+    probs = [p for _, p in first]  # all classes: even an axis swap would move some of them
+    assert len(first) == K and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=0.01)
 
 
 @pytest.mark.slow
 def test_predict_probabilities_are_the_softmax_of_the_artifacts_logits(finished_run, cloud, tmp_path):
     workdir, run_dir = finished_run
-    few = cloud[:50]  # fewer points than the artifact's 128: repeated in order up to 128
+    few = cloud[:50]  # fewer points than the artifact's 64: repeated in order up to 64
     np.save(tmp_path / "few.npy", few)
     proc = run(workdir, "predict.py", f"artifact={run_dir / 'model_int8.pt'}", f"input={tmp_path / 'few.npy'}",
-               "topk=16")
+               f"topk={K}")
     assert proc.returncode == 0, proc.stderr
     printed = predictions(proc.stdout)[str(tmp_path / "few.npy")]
     from data.transforms import center_and_normalize
 
-    xyz = center_and_normalize(torch.from_numpy(np.resize(few, (128, 3))))[None]  # (1, 128, 3)
+    xyz = center_and_normalize(torch.from_numpy(np.resize(few, (64, 3))))[None]  # (1, 64, 3)
     names = json.loads((run_dir / "model_int8.json").read_text())["class_names"]
     probs = torch.jit.load(str(run_dir / "model_int8.pt"))(xyz, xyz.transpose(1, 2)).softmax(dim=1)[0]
-    assert sorted(name for name, _ in printed) == sorted(names)  # topk=16: every class once
+    assert sorted(name for name, _ in printed) == sorted(names)  # topk=K: every class once
     assert [p for _, p in printed] == pytest.approx(sorted(probs.tolist(), reverse=True), abs=5e-4)
     for name, p in printed:  # (int8 logits tie often, so the order among equal probabilities is free)
         assert p == pytest.approx(probs[names.index(name)].item(), abs=5e-4)
