@@ -408,29 +408,35 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     xyz, feats = random_clouds(cfg.bench.train_batch, cfg.bench.points)
     label = torch.randint(0, cfg.bench.num_classes, (cfg.bench.train_batch,))
     prepared = qat.prepare_qat(copy.deepcopy(model).train(), qat.spec_from_config(cfg.qat), (xyz[:2], feats[:2]))
-    teacher = FrozenTeacher(copy.deepcopy(model))
+    teachers = {False: FrozenTeacher(copy.deepcopy(model), fold_bn=False), True: FrozenTeacher(copy.deepcopy(model))}
     loss_fn = DistillationLoss(0.5, 4.0, 0.2)
 
-    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, with_teacher: bool, shared: bool) -> None:
+    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, with_teacher: bool, shared: bool,
+             folded: bool = False) -> None:
         with shared_neighborhoods() if shared else contextlib.nullcontext():  # as the engine's step_context
-            t_logits = teacher(xyz, feats) if with_teacher else None
+            t_logits = teachers[folded](xyz, feats) if with_teacher else None
             loss = loss_fn(student(xyz, feats), label, t_logits)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    variants = {"fp32": (model.train(), False, False), "qat": (prepared, False, False),
-                "kd_qat": (prepared, True, False), "kd_qat_shared": (prepared, True, True)}
+    # kd_qat / kd_qat_shared: the teacher with BN (as before issue 16); kd_qat_folded: as the tools train
+    # now, neighbour search shared and the teacher's BN folded (`FrozenTeacher` default)
+    variants = {"fp32": (model.train(), False, False, False), "qat": (prepared, False, False, False),
+                "kd_qat": (prepared, True, False, False), "kd_qat_shared": (prepared, True, True, False),
+                "kd_qat_folded": (prepared, True, True, True)}
     steps = {}
-    for name, (student, kd, shared) in variants.items():
+    for name, (student, kd, shared, folded) in variants.items():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        steps[name] = lambda s=student, o=optimizer, k=kd, sh=shared: step(s, o, k, sh)
+        steps[name] = lambda s=student, o=optimizer, k=kd, sh=shared, f=folded: step(s, o, k, sh, f)
     times = time_interleaved(steps, cfg.bench.train_repeats, warmup=1)
     out = {f"{name}_ms": t["median"] for name, t in times.items()}
     out["qat_over_fp32"] = out["qat_ms"] / out["fp32_ms"]
     out["kd_qat_over_fp32"] = out["kd_qat_ms"] / out["fp32_ms"]
     out["kd_qat_shared_over_fp32"] = out["kd_qat_shared_ms"] / out["fp32_ms"]
     out["kd_qat_shared_over_kd_qat"] = out["kd_qat_shared_ms"] / out["kd_qat_ms"]
+    out["kd_qat_folded_over_fp32"] = out["kd_qat_folded_ms"] / out["fp32_ms"]
+    out["kd_qat_folded_over_kd_qat_shared"] = out["kd_qat_folded_ms"] / out["kd_qat_shared_ms"]
     return out
 
 
@@ -458,10 +464,11 @@ def plot(sweeps: dict[str, list], path: Path) -> None:
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fx_backend = _spec_for(cfg, FX_BACKENDS).backend
-    torch.backends.quantized.engine = fx_backend
+    if cfg.bench.int8_engine:
+        torch.backends.quantized.engine = cfg.bench.int8_engine
+    engine = torch.backends.quantized.engine  # prepacks and runs every int8 path here, the artifact on reload too
     result: dict = {"config": OmegaConf.to_container(cfg.bench), "model": cfg.model.name, "width": cfg.model.width,
-                    "torch": torch.__version__, "threads": cfg.bench.threads}
+                    "torch": torch.__version__, "threads": cfg.bench.threads, "int8_engine": engine}
     with torch_threads(cfg.bench.threads):
         paths, int8_fx = build_paths(cfg)
         result["size_mb"] = {"fp32_state_dict": pipeline.state_dict_size_mb(paths["fp32_eager"]),
@@ -490,7 +497,7 @@ def main(cfg: DictConfig) -> None:
                 row["int8_network_over_openvino"] = row["int8_network"]["median"] / row["openvino_int8_network"]["median"]
             if pt2e is not None:  # same run, interleaved: which int8 backend is faster on this CPU
                 row["pt2e_over_fx_int8"] = row["int8_pt2e"]["median"] / row["int8"]["median"]
-                row["faster_int8_backend"] = "pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{fx_backend}"
+                row["faster_int8_backend"] = "pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{engine}"
         if cfg.bench.profile:
             result["stages_ms"] = {f"{name}_batch_{b}": stage_profile(paths[name], b, cfg.bench.points)
                                    for name in ("fp32_folded", "int8") for b in cfg.bench.batch_sizes}
@@ -505,7 +512,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def report(result: dict) -> None:
-    print(f"{result['model']} width {result['width']}, {result['config']['points']} points, {result['threads']} threads")
+    print(f"{result['model']} width {result['width']}, {result['config']['points']} points, {result['threads']} threads, "
+          f"int8 engine {result['int8_engine']}")
     for batch, row in result["latency_ms"].items():
         cells = ", ".join(f"{k} {v['median']:.1f} ms" for k, v in row.items() if isinstance(v, dict) and "median" in v)
         versus_reference = (f", int8/OpenPoints FP32 = {row['int8_over_openpoints_fp32']:.3f}"
@@ -532,7 +540,8 @@ def report(result: dict) -> None:
         print(f"  train step: FP32 {t['fp32_ms']:.0f} ms, QAT {t['qat_ms']:.0f} ms ({t['qat_over_fp32']:.2f}x), "
               f"KD-QAT {t['kd_qat_ms']:.0f} ms ({t['kd_qat_over_fp32']:.2f}x), KD-QAT sharing the neighbour search "
               f"{t['kd_qat_shared_ms']:.0f} ms ({t['kd_qat_shared_over_fp32']:.2f}x; "
-              f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT)")
+              f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT), and with the teacher's BN folded too "
+              f"{t['kd_qat_folded_ms']:.0f} ms ({t['kd_qat_folded_over_fp32']:.2f}x)")
     if "sweep" in result:
         s = result["sweep"]
         print("  slopes vs points: " + ", ".join(f"{k.split('slope_')[1]} {v:.2f}" for k, v in s.items() if k.startswith("points_slope")))
