@@ -204,5 +204,6 @@ def test_frozen_teacher_folds_bn_and_keeps_the_logits_within_float_rounding():
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in unfolded.modules())  # control
     expected = unfolded(xyz)
-    assert torch.allclose(folded(xyz), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    # float rounding only: measured 1e-7 of the largest logit; one BN's variance 1 % off gives 1.3e-5
+    assert (folded(xyz) - expected).abs().max() <= 1e-6 * expected.abs().max()
     assert not any(p.requires_grad for p in folded.parameters())
