@@ -17,7 +17,7 @@ def test_benchmark_writes_side_by_side_ratios(tmp_path):
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "model.width=8", "bench.points=128",
            "bench.batch_sizes=[1,2]", "bench.repeats=1", "bench.train_batch=2", "bench.train_repeats=1",
            "bench.points_sweep=[64,128]", "bench.batch_sweep=[1,2]", "bench.sweep_batch=1", "bench.pt2e=false",
-           f"hydra.run.dir={tmp_path}"]  # the PT2E row has its own test below (Inductor compiles are slow)
+           "bench.openvino=false", f"hydra.run.dir={tmp_path}"]  # PT2E and OpenVINO have their own tests (slow compiles)
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
     result = json.loads((tmp_path / "benchmark.json").read_text())
     row = result["latency_ms"]["batch_2"]
@@ -25,8 +25,12 @@ def test_benchmark_writes_side_by_side_ratios(tmp_path):
     assert row["int8_over_best_fp32"] == pytest.approx(
         row["int8"]["median"] / min(row["fp32_eager"]["median"], row["fp32_folded"]["median"]))
     assert 0 < result["size_mb"]["int8_over_fp32"] < 0.5
+    ratios = row["over_fp32_folded"]  # issue 16's columns: the index search and our int8 network alone
+    assert set(ratios) == {"int8", "index_search", "int8_network"}
+    assert ratios["index_search"] == pytest.approx(row["index_search"]["median"] / row["fp32_folded"]["median"])
+    assert row["index_search_share_of_int8"] == pytest.approx(row["index_search"]["median"] / row["int8"]["median"])
     assert result["stages_ms"]["int8_batch_1"]["fps"] > 0
-    assert {"fp32_ms", "qat_ms", "kd_qat_ms", "kd_qat_shared_ms"} <= result["train_step"].keys()
+    assert {"fp32_ms", "qat_ms", "kd_qat_ms", "kd_qat_shared_ms", "kd_qat_folded_ms"} <= result["train_step"].keys()
     step = result["train_step"]
     assert step["kd_qat_shared_over_kd_qat"] == pytest.approx(step["kd_qat_shared_ms"] / step["kd_qat_ms"])
     assert row["int8_over_openpoints_fp32"] == pytest.approx(row["int8"]["median"] / row["openpoints_fp32"]["median"])
@@ -46,7 +50,8 @@ def test_benchmark_times_pt2e_int8_beside_fx_int8_and_names_the_faster(tmp_path)
     result = json.loads((tmp_path / "benchmark.json").read_text())
     row = result["latency_ms"]["batch_2"]
     assert row["pt2e_over_fx_int8"] == pytest.approx(row["int8_pt2e"]["median"] / row["int8"]["median"])
-    assert row["faster_int8_backend"] == ("pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else "fx_fbgemm")
+    assert result["int8_engine"] == torch.backends.quantized.engine  # torch's default engine, as a user's process
+    assert row["faster_int8_backend"] == ("pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{result['int8_engine']}")
     assert row["faster_int8_backend"] + " is faster on this CPU" in done.stdout
     assert result["pt2e"]["compile_s"]["batch_2"] > 0 and result["pt2e"]["quantized_ops"]["quantized"] > 0
     assert result["size_mb"]["int8_pt2e_artifact"] == pytest.approx((tmp_path / "model_int8_pt2e.pt2").stat().st_size / 1e6)
@@ -89,3 +94,51 @@ def test_timings_run_under_a_fixed_allocator_on_glibc():
     expected = platform.libc_ver()[0] == "glibc"
     assert measure.steady_allocator() is expected
     assert measure.steady_allocator() is expected  # once per process, then cached
+
+
+def test_openvino_peer_is_skipped_with_one_line_when_openvino_is_absent(monkeypatch, capsys):
+    benchmark = load_tool("benchmark")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    assert benchmark.openvino_int8_network(None, None, [], 1) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: OpenVINO + NNCF peer columns skipped")
+    assert "requirements-peers.txt" in lines[0]
+
+
+@pytest.mark.slow
+def test_openvino_int8_network_agrees_with_ours_on_precomputed_indices():
+    """The peer computes our classifier: on the same clouds and indices, NNCF's int8 logits stay
+    close to our FP32 network's (relative to how much the logits vary between clouds) and the
+    top-1 class mostly agrees; fed other indices, it computes something else (negative control)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    benchmark = load_tool("benchmark")
+    from models import create_model
+    from models._precomputed import NeighbourIndices
+
+    torch.manual_seed(0)
+    model = create_model("pointnext_s", num_classes=8, width=8)
+    for module in model.modules():  # BN statistics of real activations, so logits depend on the cloud
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+    with torch.no_grad():
+        for seed in range(4):
+            model(*benchmark.random_clouds(16, 128, seed=10 + seed))
+    model.eval()
+    search = NeighbourIndices(model)
+    peer = benchmark.openvino_int8_network(model, search, [benchmark.random_clouds(8, 128, seed=s) for s in range(2)], 1)
+    xyz, feats = benchmark.random_clouds(64, 128, seed=7)
+    indices = search(xyz)
+    with torch.no_grad():
+        ours = model(xyz, feats)
+
+    def relative_error(logits: torch.Tensor) -> float:  # our own FX int8 measures ~0.5 here; FP32 itself 0
+        return float((logits - ours).norm() / (ours - ours.mean(0)).norm())
+
+    def top1_agreement(logits: torch.Tensor) -> float:
+        return float((logits.argmax(1) == ours.argmax(1)).float().mean())
+
+    theirs = peer(xyz, feats, indices)
+    assert relative_error(theirs) < 0.75 and top1_agreement(theirs) >= 0.6
+    other = peer(xyz, feats, [torch.randint_like(i, 0, 32) for i in indices])
+    assert relative_error(other) > 1.5 and top1_agreement(other) < 0.5

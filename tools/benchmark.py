@@ -11,7 +11,12 @@ package imports) also OpenPoints' own PointNeXt-S in FP32 with straightforward b
 versions of its CUDA neighbour ops, the reference issue 8's targets are stated against; with
 `bench.pt2e` (default on, when torchao imports) also the PT2E int8 model (torch.export +
 X86InductorQuantizer, the `.pt2` artifact reloaded and compiled by Inductor), timed interleaved
-with the FX int8 model, with its compile time and which backend is faster here. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
+with the FX int8 model, with its compile time and which backend is faster here. Issue 16's
+columns, the network alone with neighbour indices fed in (`models/_precomputed.py`): our index
+search alone, our int8 network alone, and with `bench.openvino` (default on; skipped with a note
+when the optional `requirements-peers.txt` is not installed) OpenVINO's int8 network (NNCF PTQ
+on the same calibration clouds) alone and after our index search, all as ratios to our BN-folded
+FP32 end to end. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
 quantize/dequantize, head), sizes, peak memory and time against the number of points (each
 size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT
 (KD-QAT twice: teacher and student each searching neighbourhoods, and sharing one search under
@@ -26,6 +31,7 @@ import math
 import multiprocessing as mp
 import resource
 from pathlib import Path
+from typing import Callable
 
 
 import hydra
@@ -40,7 +46,8 @@ from qat import backend
 from qat.spec import FX_BACKENDS, PT2E_BACKENDS
 from distill import DistillationLoss, FrozenTeacher
 from models import create_model, load_checkpoint
-from models.neighbors import shared_neighborhoods
+from models._precomputed import NeighbourIndices, PrecomputedPointNeXt
+from models.neighbors import NeighborhoodMemo, shared_neighborhoods
 from qat.export import export_int8, file_size_mb
 from runtime import pipeline
 from runtime.measure import time_call, time_interleaved, torch_threads
@@ -73,18 +80,30 @@ def _spec_for(cfg: DictConfig, backends: tuple[str, ...]) -> qat.QConfigSpec:
     return qat.QConfigSpec.from_dict({**spec.to_dict(), "backend": backends[0]})
 
 
-def build_paths(cfg: DictConfig) -> dict[str, torch.nn.Module]:
-    """FP32 eager, FP32 BN-folded, int8 (calibrated on random clouds: latency ignores weight values)."""
+def calibration_clouds(cfg: DictConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The clouds every int8 path here is calibrated on (ours, PT2E, OpenVINO + NNCF): the same for all."""
+    return [random_clouds(8, cfg.bench.points, seed=s) for s in range(2)]
+
+
+def build_paths(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], torch.fx.GraphModule]:
+    """FP32 eager, FP32 BN-folded, int8 (calibrated on random clouds: latency ignores weight values).
+
+    Returns:
+        The timed paths (int8: the TorchScript artifact reloaded) and the converted FX int8 model
+        the artifact was scripted from (for the network-alone column).
+    """
     torch.manual_seed(cfg.seed)
     fp32 = create_model(cfg.model.name, num_classes=cfg.bench.num_classes, width=cfg.model.width).eval()
     if cfg.pretrained:
         load_checkpoint(fp32, cfg.pretrained)
     example = random_clouds(2, cfg.bench.points)
     prepared = qat.prepare_ptq(copy.deepcopy(fp32), _spec_for(cfg, FX_BACKENDS), example)
-    qat.calibrate(prepared, [random_clouds(8, cfg.bench.points, seed=s) for s in range(2)])
+    qat.calibrate(prepared, calibration_clouds(cfg))
     int8_path = Path(HydraConfig.get().runtime.output_dir) / "model_int8.pt"
-    export_int8(qat.convert(prepared), int8_path, {"num_points": cfg.bench.points, "note": "benchmark, random weights"})
-    return {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32), "int8": torch.jit.load(str(int8_path))}
+    converted = qat.convert(prepared)
+    export_int8(converted, int8_path, {"num_points": cfg.bench.points, "note": "benchmark, random weights"})
+    paths = {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32), "int8": torch.jit.load(str(int8_path))}
+    return paths, converted
 
 
 def pt2e_path(cfg: DictConfig, fp32: torch.nn.Module, run_dir: Path) -> tuple[object, dict] | None:
@@ -106,7 +125,7 @@ def pt2e_path(cfg: DictConfig, fp32: torch.nn.Module, run_dir: Path) -> tuple[ob
         print(f"note: PT2E int8 row skipped ({error})")
         return None
     prepared = qat.prepare_ptq(copy.deepcopy(fp32), spec, random_clouds(2, cfg.bench.points))
-    qat.calibrate(prepared, [random_clouds(8, cfg.bench.points, seed=s) for s in range(2)])
+    qat.calibrate(prepared, calibration_clouds(cfg))
     int8 = qat.convert(prepared)
     path = backend.export_int8(int8, run_dir / "model_int8_pt2e.pt2",
                                {"num_points": cfg.bench.points, "note": "benchmark, random weights"},
@@ -115,6 +134,93 @@ def pt2e_path(cfg: DictConfig, fp32: torch.nn.Module, run_dir: Path) -> tuple[ob
         backend.load_int8(path), [random_clouds(b, cfg.bench.points) for b in cfg.bench.batch_sizes])
     return runner, {"compile_s": compile_s, "size_mb": file_size_mb(path),
                     "quantized_ops": qat.quantized_op_count(int8)}
+
+
+# ---- The network alone, neighbour indices fed in: ours against OpenVINO + NNCF (the peer) ----
+# OpenVINO cannot convert PointNeXt end to end (the neighbour search), so a deployment engineer
+# would run our index search and feed its indices to an OpenVINO int8 network. These columns time
+# both networks on the same clouds and the same indices (`models/_precomputed.py`).
+# A column is a binder: given one batch's (xyz, feats), it does the untimed preparation (index
+# search, memo, numpy views, compilation) and returns the call that is timed.
+Binder = Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]
+
+
+class OpenVinoInt8Network:
+    """OpenVINO's int8 PointNeXt network as a deployment engineer gets it: `PrecomputedPointNeXt`
+    converted with `openvino.convert_model`, quantized by NNCF's default post-training
+    quantization on our calibration clouds, compiled for the CPU with static shapes (once per
+    input shape) and `threads` inference threads. Everything else is left at OpenVINO's defaults
+    (so the layers NNCF leaves in float run in bf16 on CPUs that have it).
+    """
+
+    def __init__(self, fp32: torch.nn.Module, search: Callable[[torch.Tensor], list[torch.Tensor]],
+                 calibration: list[tuple[torch.Tensor, torch.Tensor]], threads: int) -> None:
+        import nncf
+        import openvino as ov
+
+        network = PrecomputedPointNeXt(fp32).eval()
+        samples = [(xyz, feats, *search(xyz)) for xyz, feats in calibration]
+        with torch.no_grad():
+            model = ov.convert_model(network, example_input=samples[0])
+        self.model = nncf.quantize(model, nncf.Dataset(samples, lambda item: tuple(t.numpy() for t in item)),
+                                   subset_size=len(samples))
+        self.core, self.threads = ov.Core(), threads
+        self.compiled: dict[tuple, object] = {}
+
+    def __call__(self, xyz: torch.Tensor, feats: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+        inputs = [t.numpy() for t in (xyz, feats, *indices)]  # views, no copies
+        shapes = tuple(a.shape for a in inputs)
+        if shapes not in self.compiled:
+            model = self.model.clone()
+            model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
+            self.compiled[shapes] = self.core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": self.threads})
+        return torch.from_numpy(self.compiled[shapes](inputs)[0])
+
+
+def openvino_int8_network(fp32: torch.nn.Module, search: Callable[[torch.Tensor], list[torch.Tensor]],
+                          calibration: list[tuple[torch.Tensor, torch.Tensor]], threads: int) -> OpenVinoInt8Network | None:
+    """The OpenVINO + NNCF peer, or None with a one-line note when the optional packages are absent."""
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError as error:
+        print(f"note: OpenVINO + NNCF peer columns skipped ({error}); `pip install -r requirements-peers.txt` adds them")
+        return None
+    return OpenVinoInt8Network(fp32, search, calibration, threads)
+
+
+def index_fed_columns(cfg: DictConfig, fp32: torch.nn.Module, int8_fx: torch.fx.GraphModule) -> dict[str, Binder]:
+    """Binders of the issue-16 columns: our index search alone (TorchScript, as in the artifact), our
+    int8 network alone (the converted FX model with every FPS / ball query answered from a memo
+    filled before timing: the same int8 leaves and kernels as the artifact, no search), and, when
+    OpenVINO and NNCF import, OpenVINO's int8 network alone and our search + OpenVINO's network."""
+    search = torch.jit.script(NeighbourIndices(fp32))
+
+    def our_network(xyz: torch.Tensor, feats: torch.Tensor) -> Callable[[], object]:
+        memo = NeighborhoodMemo()
+        with shared_neighborhoods(memo):
+            int8_fx(xyz, feats)  # fills the memo
+
+        def run() -> torch.Tensor:
+            with shared_neighborhoods(memo):
+                return int8_fx(xyz, feats)
+        return run
+
+    columns: dict[str, Binder] = {"index_search": lambda xyz, feats: lambda: search(xyz), "int8_network": our_network}
+    peer = openvino_int8_network(fp32, search, calibration_clouds(cfg), cfg.bench.threads) if cfg.bench.openvino else None
+    if peer is not None:
+        def peer_network(xyz: torch.Tensor, feats: torch.Tensor) -> Callable[[], object]:
+            indices = search(xyz)
+            peer(xyz, feats, indices)  # compiles for this shape
+            return lambda: peer(xyz, feats, indices)
+
+        def peer_end_to_end(xyz: torch.Tensor, feats: torch.Tensor) -> Callable[[], object]:
+            peer(xyz, feats, search(xyz))
+            return lambda: peer(xyz, feats, search(xyz))
+
+        columns["openvino_int8_network"] = peer_network
+        columns["index_search+openvino_int8_network"] = peer_end_to_end
+    return columns
 
 
 # ---- OpenPoints' PointNeXt-S with straightforward CPU neighbour ops (the issue's reference) ----
@@ -198,13 +304,18 @@ def openpoints_reference(cfg: DictConfig) -> torch.nn.Module | None:
 
 
 @torch.no_grad()
-def latency_table(paths: dict[str, torch.nn.Module], cfg: DictConfig) -> dict[str, dict[str, dict[str, float]]]:
-    """Per batch size and path: min/median/max ms, paths interleaved so noise hits all alike."""
+def latency_table(paths: dict[str, torch.nn.Module], cfg: DictConfig,
+                  columns: dict[str, Binder] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per batch size and path: min/median/max ms, paths interleaved so noise hits all alike.
+
+    `paths` are called as `model(xyz, feats)`; `columns` (binders) prepare their call per batch.
+    """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for batch in cfg.bench.batch_sizes:
         xyz, feats = random_clouds(batch, cfg.bench.points)
-        out[f"batch_{batch}"] = time_interleaved({name: (lambda m=m: m(xyz, feats)) for name, m in paths.items()},
-                                                 cfg.bench.repeats, warmup=3)
+        fns = {name: (lambda m=m: m(xyz, feats)) for name, m in paths.items()}
+        fns.update({name: bind(xyz, feats) for name, bind in (columns or {}).items()})
+        out[f"batch_{batch}"] = time_interleaved(fns, cfg.bench.repeats, warmup=3)
     return out
 
 
@@ -297,29 +408,35 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     xyz, feats = random_clouds(cfg.bench.train_batch, cfg.bench.points)
     label = torch.randint(0, cfg.bench.num_classes, (cfg.bench.train_batch,))
     prepared = qat.prepare_qat(copy.deepcopy(model).train(), qat.spec_from_config(cfg.qat), (xyz[:2], feats[:2]))
-    teacher = FrozenTeacher(copy.deepcopy(model))
+    teachers = {False: FrozenTeacher(copy.deepcopy(model), fold_bn=False), True: FrozenTeacher(copy.deepcopy(model))}
     loss_fn = DistillationLoss(0.5, 4.0, 0.2)
 
-    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, with_teacher: bool, shared: bool) -> None:
+    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, with_teacher: bool, shared: bool,
+             folded: bool = False) -> None:
         with shared_neighborhoods() if shared else contextlib.nullcontext():  # as the engine's step_context
-            t_logits = teacher(xyz, feats) if with_teacher else None
+            t_logits = teachers[folded](xyz, feats) if with_teacher else None
             loss = loss_fn(student(xyz, feats), label, t_logits)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    variants = {"fp32": (model.train(), False, False), "qat": (prepared, False, False),
-                "kd_qat": (prepared, True, False), "kd_qat_shared": (prepared, True, True)}
+    # kd_qat / kd_qat_shared: the teacher with BN (as before issue 16); kd_qat_folded: as the tools train
+    # now, neighbour search shared and the teacher's BN folded (`FrozenTeacher` default)
+    variants = {"fp32": (model.train(), False, False, False), "qat": (prepared, False, False, False),
+                "kd_qat": (prepared, True, False, False), "kd_qat_shared": (prepared, True, True, False),
+                "kd_qat_folded": (prepared, True, True, True)}
     steps = {}
-    for name, (student, kd, shared) in variants.items():
+    for name, (student, kd, shared, folded) in variants.items():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        steps[name] = lambda s=student, o=optimizer, k=kd, sh=shared: step(s, o, k, sh)
+        steps[name] = lambda s=student, o=optimizer, k=kd, sh=shared, f=folded: step(s, o, k, sh, f)
     times = time_interleaved(steps, cfg.bench.train_repeats, warmup=1)
     out = {f"{name}_ms": t["median"] for name, t in times.items()}
     out["qat_over_fp32"] = out["qat_ms"] / out["fp32_ms"]
     out["kd_qat_over_fp32"] = out["kd_qat_ms"] / out["fp32_ms"]
     out["kd_qat_shared_over_fp32"] = out["kd_qat_shared_ms"] / out["fp32_ms"]
     out["kd_qat_shared_over_kd_qat"] = out["kd_qat_shared_ms"] / out["kd_qat_ms"]
+    out["kd_qat_folded_over_fp32"] = out["kd_qat_folded_ms"] / out["fp32_ms"]
+    out["kd_qat_folded_over_kd_qat_shared"] = out["kd_qat_folded_ms"] / out["kd_qat_shared_ms"]
     return out
 
 
@@ -347,12 +464,13 @@ def plot(sweeps: dict[str, list], path: Path) -> None:
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fx_backend = _spec_for(cfg, FX_BACKENDS).backend
-    torch.backends.quantized.engine = fx_backend
+    if cfg.bench.int8_engine:
+        torch.backends.quantized.engine = cfg.bench.int8_engine
+    engine = torch.backends.quantized.engine  # prepacks and runs every int8 path here, the artifact on reload too
     result: dict = {"config": OmegaConf.to_container(cfg.bench), "model": cfg.model.name, "width": cfg.model.width,
-                    "torch": torch.__version__, "threads": cfg.bench.threads}
+                    "torch": torch.__version__, "threads": cfg.bench.threads, "int8_engine": engine}
     with torch_threads(cfg.bench.threads):
-        paths = build_paths(cfg)
+        paths, int8_fx = build_paths(cfg)
         result["size_mb"] = {"fp32_state_dict": pipeline.state_dict_size_mb(paths["fp32_eager"]),
                              "int8_artifact": file_size_mb(run_dir / "model_int8.pt")}
         result["size_mb"]["int8_over_fp32"] = result["size_mb"]["int8_artifact"] / result["size_mb"]["fp32_state_dict"]
@@ -362,16 +480,24 @@ def main(cfg: DictConfig) -> None:
         if pt2e is not None:
             timed["int8_pt2e"], result["pt2e"] = pt2e
             result["size_mb"]["int8_pt2e_artifact"] = result["pt2e"]["size_mb"]
-        result["latency_ms"] = latency_table(timed, cfg)
+        columns = index_fed_columns(cfg, paths["fp32_eager"], int8_fx)
+        result["latency_ms"] = latency_table(timed, cfg, columns)
         for batch, row in result["latency_ms"].items():
             best = min(row["fp32_eager"]["median"], row["fp32_folded"]["median"])
             row["int8_over_best_fp32"] = row["int8"]["median"] / best
             row["folded_over_eager"] = row["fp32_folded"]["median"] / row["fp32_eager"]["median"]
             if reference is not None:
                 row["int8_over_openpoints_fp32"] = row["int8"]["median"] / row["openpoints_fp32"]["median"]
+            # Issue 16's columns, as ratios to our BN-folded FP32 end to end, and ours against the peer
+            row["over_fp32_folded"] = {name: row[name]["median"] / row["fp32_folded"]["median"]
+                                       for name in ("int8", *columns)}
+            row["index_search_share_of_int8"] = row["index_search"]["median"] / row["int8"]["median"]
+            if "index_search+openvino_int8_network" in row:
+                row["int8_over_peer"] = row["int8"]["median"] / row["index_search+openvino_int8_network"]["median"]
+                row["int8_network_over_openvino"] = row["int8_network"]["median"] / row["openvino_int8_network"]["median"]
             if pt2e is not None:  # same run, interleaved: which int8 backend is faster on this CPU
                 row["pt2e_over_fx_int8"] = row["int8_pt2e"]["median"] / row["int8"]["median"]
-                row["faster_int8_backend"] = "pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{fx_backend}"
+                row["faster_int8_backend"] = "pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{engine}"
         if cfg.bench.profile:
             result["stages_ms"] = {f"{name}_batch_{b}": stage_profile(paths[name], b, cfg.bench.points)
                                    for name in ("fp32_folded", "int8") for b in cfg.bench.batch_sizes}
@@ -386,12 +512,18 @@ def main(cfg: DictConfig) -> None:
 
 
 def report(result: dict) -> None:
-    print(f"{result['model']} width {result['width']}, {result['config']['points']} points, {result['threads']} threads")
+    print(f"{result['model']} width {result['width']}, {result['config']['points']} points, {result['threads']} threads, "
+          f"int8 engine {result['int8_engine']}")
     for batch, row in result["latency_ms"].items():
-        cells = ", ".join(f"{k} {v['median']:.1f} ms" for k, v in row.items() if isinstance(v, dict))
+        cells = ", ".join(f"{k} {v['median']:.1f} ms" for k, v in row.items() if isinstance(v, dict) and "median" in v)
         versus_reference = (f", int8/OpenPoints FP32 = {row['int8_over_openpoints_fp32']:.3f}"
                             if "int8_over_openpoints_fp32" in row else "")
         print(f"  {batch}: {cells}; int8/best FP32 = {row['int8_over_best_fp32']:.3f}{versus_reference}")
+        print("    / FP32 folded: " + ", ".join(f"{k} {v:.2f}" for k, v in row["over_fp32_folded"].items())
+              + f"; index search {row['index_search_share_of_int8']:.0%} of int8")
+        if "int8_over_peer" in row:
+            print(f"    vs OpenVINO + NNCF: our int8 / (our search + OpenVINO int8 network) = {row['int8_over_peer']:.2f}, "
+                  f"our int8 network / OpenVINO's = {row['int8_network_over_openvino']:.2f}")
         if "pt2e_over_fx_int8" in row:
             print(f"    int8 PT2E/FX = {row['pt2e_over_fx_int8']:.3f}: {row['faster_int8_backend']} is faster on this CPU")
     size = result["size_mb"]
@@ -408,7 +540,8 @@ def report(result: dict) -> None:
         print(f"  train step: FP32 {t['fp32_ms']:.0f} ms, QAT {t['qat_ms']:.0f} ms ({t['qat_over_fp32']:.2f}x), "
               f"KD-QAT {t['kd_qat_ms']:.0f} ms ({t['kd_qat_over_fp32']:.2f}x), KD-QAT sharing the neighbour search "
               f"{t['kd_qat_shared_ms']:.0f} ms ({t['kd_qat_shared_over_fp32']:.2f}x; "
-              f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT)")
+              f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT), and with the teacher's BN folded too "
+              f"{t['kd_qat_folded_ms']:.0f} ms ({t['kd_qat_folded_over_fp32']:.2f}x)")
     if "sweep" in result:
         s = result["sweep"]
         print("  slopes vs points: " + ", ".join(f"{k.split('slope_')[1]} {v:.2f}" for k, v in s.items() if k.startswith("points_slope")))
