@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from data import classification_metrics
 from data.loader import reseed_loader
@@ -363,6 +364,10 @@ class Engine:
         model = _unwrap(self.student)
         was_training = model.training
         model.eval()
+        # Every evaluation draws the same (e.g. worker) seeds, so a figure never depends on how many
+        # evaluations this process made before it (a resumed run made fewer).
+        if isinstance(loader, DataLoader):
+            reseed_loader(loader, self.config.seed)
         with contextlib.ExitStack() as stack:
             for hook in self.hooks:
                 if hasattr(hook, "evaluating"):
