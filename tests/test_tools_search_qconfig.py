@@ -109,7 +109,7 @@ def test_written_spec_reproduces_the_reported_accuracy_and_loads_in_train_kd_qat
     d = pipeline.build_data(cfg)
     model = pipeline.build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
     load_checkpoint(model, run / "teacher" / "final.pt")
-    calib, select, _ = tool.search_batches(cfg, d)
+    calib, select = tool.search_batches(cfg, d)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the tool ran
     try:

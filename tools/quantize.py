@@ -73,7 +73,8 @@ def run(cfg: DictConfig) -> None:
                      if "fp32" in results else None)
         results[name] = quantize(method, method_cfg, d, pipeline.init_student(cfg, d, fp32), fp32, method_dir, logger, device,
                                  fp32_reference=reference)
-        results[name]["teacher"] = results[name].get("teacher", {}) | source.to_dict()  # the FP32 model, by file and hash
+        if "teacher" in results[name]:  # KD-QAT distilled from it: which teacher, by file and hash
+            results[name]["teacher"] |= source.to_dict()
         pipeline.write_json(method_dir / "metrics.json", results[name])
 
     # ---- report ---------------------------------------------------------------------------------

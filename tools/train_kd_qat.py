@@ -100,9 +100,9 @@ def run(cfg: DictConfig) -> None:
                   if key.startswith("batch_")})
     logger.log(final)
     logger.summary(final)
-    if "val" in metrics:  # dataset.val_fraction > 0
+    if "val" in metrics:  # dataset.val_fraction > 0 (val/oa_fakequant: logged per epoch by the engine already)
         validation = {"val/oa_int8": metrics["val"]["oa"], "val/macc_int8": metrics["val"]["macc"],
-                      "val/oa_fp32": metrics["fp32"]["val"]["oa"], "val/oa_fakequant": metrics["fakequant"]["val"]["oa"]}
+                      "val/oa_fp32": metrics["fp32"]["val"]["oa"]}
         logger.log(validation)
         logger.summary(validation)
     logger.finish()
