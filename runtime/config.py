@@ -140,6 +140,10 @@ def _dotted_keys(tree: object, prefix: str = "") -> list[str]:
     return [prefix[:-1]]
 
 
+# The hydra config groups live here (`+experiment=...` adds a group's option, not a key).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
 def check_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
     """Refuses a `+key=value` that nothing reads (a typo such as `+train.epoch=5`), naming the closest key.
 
@@ -151,8 +155,8 @@ def check_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         if not override.startswith("+") or override.startswith("++"):
             continue
         key = override[1:].split("=", 1)[0].strip()
-        if key in OPTIONAL_KEYS or key.startswith("model."):
-            continue
+        if key in OPTIONAL_KEYS or key.startswith("model.") or (CONFIG_DIR / key.split("@")[0]).is_dir():
+            continue  # `+experiment=[quick,kd_qat]` appends options of a config group: not a key
         added = {key} | {k for k in known if k.startswith(key + ".")}
         close = difflib.get_close_matches(key, [k for k in known if k not in added], n=1, cutoff=0.6)
         raise ConfigError(f"+{key}: no such key" + (f"; did you mean {close[0]}?" if close else "")
