@@ -21,7 +21,7 @@ class FrozenTeacher(nn.Module):
     linear before it (FX `fuse`; the model must be FX-traceable, as every model that QAT
     prepares is): eval-mode BN is an affine map, so the logits are the same up to float
     rounding (tests/test_distill_engine.py), and the teacher's forward, a third of a KD-QAT
-    step's forward work, skips the BN passes (BENCHMARKS.md, "Current figures").
+    step's forward work, skips the BN passes (docs/performance.md, "Current figures").
     """
 
     def __init__(self, model: nn.Module, fold_bn: bool = True) -> None:
