@@ -68,12 +68,16 @@ class Budget:
     max_fp32_layers: int | None = None
     max_latency_ratio: float | None = None
     max_size_mb: float | None = None
+    packed_mb: float | None = None     # mixed-precision search only (qat/mixed.py): packed MB of the weights
+    packed_like: str | None = None     # ... or the packed size of a uniform preset, e.g. 'w4a8'
 
     def __post_init__(self) -> None:
         count = self.max_fp32_layers
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
             raise ValueError(f"budget.max_fp32_layers={count!r}: use an integer >= 0, or null for no limit")
-        for key in ("max_latency_ratio", "max_size_mb"):
+        if self.packed_mb is not None and self.packed_like is not None:
+            raise ValueError(f"budget.packed_mb={self.packed_mb} and budget.packed_like={self.packed_like}: set one of them")
+        for key in ("max_latency_ratio", "max_size_mb", "packed_mb"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"budget.{key}={value!r}: use a number > 0, or null for no limit")
@@ -91,7 +95,7 @@ class Budget:
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_fp32_layers": self.max_fp32_layers, "max_latency_ratio": self.max_latency_ratio,
-                "max_size_mb": self.max_size_mb}
+                "max_size_mb": self.max_size_mb, "packed_mb": self.packed_mb, "packed_like": self.packed_like}
 
 
 @dataclass

@@ -341,43 +341,49 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_pareto(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, batch: int | str, title: str,
-                x_key: str = "ms_bB", x_label: str | None = None) -> list[str]:
+                x_key: str = "ms_bB", x_label: str | None = None,
+                y_keys: Sequence[tuple[str, str]] = (("oa", "test OA %"),)) -> list[str]:
     """OA vs a cost (mean ± std over seeds); the Pareto front joined and starred.
 
     The cost is the figure `x_key`: latency at the eval batch by default, `size_mb_packed` for the
-    bits table. Returns the labels on the front (lowest cost first); rows without both figures are
-    left out of the plot and named in its caption.
+    bits table. `y_keys`: (figure, axis label) per panel, side by side (the search plots val and
+    test accuracy). Returns the labels on the first panel's front (lowest cost first); rows without
+    the figures are left out of the plot and named in its caption.
     """
     from qat.search import pareto_front  # (cost, accuracy) → indices no other point beats
 
     plt = _pyplot()
-    points, labels, errs, absent = [], [], [], []
-    for label, records in rows:
-        lat, acc = (aggregate([r.figures.get(k) if r.status == "ok" else None for r in records], len(records))
-                    for k in (x_key, "oa"))
-        if lat.mean is None or acc.mean is None:
-            absent.append(label)
-            continue
-        points.append((lat.mean, acc.mean))
-        errs.append((lat.std or 0.0, acc.std or 0.0))
-        labels.append(label)
-    front = pareto_front(points) if points else []
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, ((x, y), (ex, ey), label) in enumerate(zip(points, errs, labels)):
-        on = i in front
-        ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="*" if on else "o", ms=11 if on else 6, capsize=3,
-                    color="tab:red" if on else "tab:blue")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if len(front) > 1:
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", lw=1,
-                label="Pareto front")
-        ax.legend(fontsize=8)
-    ax.set_xlabel(x_label or f"latency, ms at batch {batch} (median, mean over seeds)")
-    ax.set_ylabel("test OA %")
-    ax.set_title(title + (f"\n(no figures: {', '.join(absent)})" if absent else ""), fontsize=9)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(y_keys), figsize=(6.4 * len(y_keys), 4.4), squeeze=False)
+    fronts, absent = [], []
+    for ax, (y_key, y_label) in zip(axes[0], y_keys):
+        points, labels, errs = [], [], []
+        for label, records in rows:
+            lat, acc = (aggregate([r.figures.get(k) if r.status == "ok" else None for r in records], len(records))
+                        for k in (x_key, y_key))
+            if lat.mean is None or acc.mean is None:
+                absent.append(label)
+                continue
+            points.append((lat.mean, acc.mean))
+            errs.append((lat.std or 0.0, acc.std or 0.0))
+            labels.append(label)
+        front = pareto_front(points) if points else []
+        fronts.append([labels[i] for i in front])
+        for i, ((x, y), (ex, ey), label) in enumerate(zip(points, errs, labels)):
+            on = i in front
+            ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="*" if on else "o", ms=11 if on else 6, capsize=3,
+                        color="tab:red" if on else "tab:blue")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if len(front) > 1:
+            ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", lw=1,
+                    label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(x_label or f"latency, ms at batch {batch} (median, mean over seeds)")
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    absent = list(dict.fromkeys(absent))
+    fig.suptitle(title + (f"\n(no figures: {', '.join(absent)})" if absent else ""), fontsize=9)
     _save(fig, path)
-    return [labels[i] for i in front]
+    return fronts[0]
 
 
 def plot_curves(rows: Sequence[tuple[str, Sequence[Record]]], path: Path, title: str) -> bool:

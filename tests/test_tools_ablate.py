@@ -439,3 +439,29 @@ def test_bits_rows_compose_with_their_bit_preset(tmp_path, row):
     validate_config(composed)
     spec = spec_from_config(composed.qat)
     assert f"w{spec.weight_bits}a{spec.activation_bits}" == row.rsplit("_", 1)[1]
+
+
+def test_bits_table_mixed_row_trains_the_mixed_precision_search_of_its_seed(tmp_path):
+    """The searched row of the bits table: its search runs first with the bits preset (per-layer weight bits at the
+    uniform W4A8 packed size), and the row trains that seed's spec with KD, compared with KD-QAT W4A8."""
+    from qat import spec_from_config
+    cfg = ablate_cfg(tmp_path, "table=bits")
+    rows = ablate.table_rows(cfg)
+    (row,) = [r for r in rows if r.run.name == "kd_qat_mixed"]
+    assert row.run.search and row.compare == "kd_qat_w4a8"
+    runs = ablate.runs_in_order(rows, "quick", ablate.search_preset(cfg))
+    search = runs.index(next(r for r in runs if r.name == ablate.SEARCH))
+    assert runs[search].experiment == "search_bits_quick" and search < runs.index(row.run)
+    assert f"qat.qconfig={ablate.run_dir(cfg, ablate.Run(ablate.SEARCH, ''), 0) / 'qconfig.yaml'}" in \
+        ablate.run_overrides(cfg, row.run, 0)
+    main = ablate_cfg(tmp_path, "table=main")  # negative control: the main table keeps its own search preset
+    assert [r.experiment for r in ablate.runs_in_order(ablate.table_rows(main), "quick", ablate.search_preset(main))
+            if r.name == ablate.SEARCH] == ["search_quick"]
+    for profile in ("quick", "full"):
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            composed = compose("search_qconfig", overrides=[f"+experiment=[{profile},search_bits_{profile}]"])
+            trained = compose("train_kd_qat", overrides=[f"+experiment=[{profile},{row.run.experiment}]"])
+        validate_config(composed)
+        assert composed.budget.packed_like == "w4a8" and 4 in composed.search.bits
+        assert trained.mode == "kd_qat"
+        assert spec_from_config(composed.qat).activation_bits == 8

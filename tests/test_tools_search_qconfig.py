@@ -1,6 +1,7 @@
 """`tools/search_qconfig.py`: its helpers, and the tool end to end on a tiny synthetic configuration."""
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,45 @@ def test_bad_search_config_fails_with_one_line_before_any_work(tmp_path, overrid
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+# ---- mixed precision end to end (slow) --------------------------------------------------------------
+@pytest.mark.slow
+def test_mixed_precision_search_fits_the_packed_budget_and_its_spec_trains_with_kd(tmp_path):
+    run_tool(tmp_path, "search.bits=[8,4]", "budget.packed_mb=0.2", "search.path_evals=1", run_dir="bits")
+    run = tmp_path / "bits"
+    assert (run / "pareto.png").read_bytes().startswith(PNG) and (run / "mixed_precision.md").is_file()
+    payload = json.loads((run / "search.json").read_text())
+    chosen = payload["chosen"]
+    assert chosen["packed_mb"] <= 0.2 < payload["candidates"][0]["packed_mb"]  # uniform W8 is over, the choice fits
+    assert chosen["fp32_layers"] <= 2 and chosen["reproduced"]["equal"]
+    assert all("oa" in c["report"] for c in payload["candidates"])  # test figures for every evaluated configuration
+    assert chosen["accuracy"] == max(c["accuracy"] for c in payload["candidates"] if c["feasible"])
+    spec = yaml_load(run / "qconfig.yaml")
+    assert spec["weight_bits"] == 8 and any(o.get("weight_bits") == 4 for o in spec["module_overrides"].values())
+    tools.run_tool("train_kd_qat.py", tmp_path, *tools.TINY, "train.epochs=1", f"qat.qconfig={run / 'qconfig.yaml'}",
+                   f"hydra.run.dir={tmp_path / 'kd'}", threads=1)
+    trained = (tmp_path / "kd" / "config.yaml").read_text()
+    assert str(run / "qconfig.yaml") in trained and "oa" in json.loads((tmp_path / "kd" / "metrics.json").read_text())
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.bits=[8,4]", "search.bits needs a packed-size budget"),
+    ("budget.packed_like=w4a8", "budget.packed_mb / budget.packed_like apply to the mixed-precision search"),
+    ("search.bits=[8,1]", "search.bits: 1 is not a width"),
+])
+def test_bad_mixed_precision_config_is_refused_naming_the_field(override, message):
+    from hydra import compose, initialize_config_dir
+    from runtime.config import ConfigError
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        good = compose("search_qconfig", overrides=["search.bits=[8,4]", "budget.packed_like=w4a8"])
+        bad = compose("search_qconfig", overrides=[override])
+    tool.validate_search_config(good)  # negative control: the same keys, well set, pass
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tool.validate_search_config(bad)

@@ -96,3 +96,14 @@ def test_official_protocol_runs_train_without_per_epoch_validation(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "val" not in metrics and "oa" in metrics
     assert not any(key.startswith("val/") for epoch in metrics["history"] for key in epoch)
+
+
+@pytest.mark.slow
+def test_the_mixed_precision_search_selects_on_val_and_reads_test_only_for_its_report(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = guarded_run("search_qconfig.py", tmp_path, "report_batches", *TINY, "bench.threads=1", "search.bits=[8,4]",
+                       "budget.packed_like=w4a8", "search.path_evals=1", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    search = json.loads((run_dir / "search.json").read_text())
+    assert (search["data"]["select_clouds"], search["data"]["report_clouds"]) == (16, 48)
+    assert all("oa" in c["report"] for c in search["candidates"])

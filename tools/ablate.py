@@ -96,15 +96,20 @@ def table_rows(cfg: DictConfig) -> list[Row]:
     return rows
 
 
-def runs_in_order(rows: list[Row], profile: str) -> list[Run]:
-    """Distinct runs, a qconfig search placed before the first row that needs it."""
+def runs_in_order(rows: list[Row], profile: str, search: str = "search") -> list[Run]:
+    """Distinct runs, a qconfig search (preset `<search>_<profile>`) before the first row that needs it."""
     runs: list[Run] = []
     for row in rows:
         if row.run.search and all(r.name != SEARCH for r in runs):
-            runs.append(Run(SEARCH, f"search_{profile}", "search_qconfig.py"))
+            runs.append(Run(SEARCH, f"{search}_{profile}", "search_qconfig.py"))
         if row.run not in runs:
             runs.append(row.run)
     return runs
+
+
+def search_preset(cfg: DictConfig) -> str:
+    """The table's search preset family: `search` (main, qconfig) or its own, e.g. `search_bits` (bits)."""
+    return cfg.tables[cfg.table].get("search_experiment", "search")
 
 
 def run_dir(cfg: DictConfig, run: Run, seed: int) -> Path:
@@ -350,7 +355,7 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
     if problems:
         parts += ["\nMissing or failed runs (not in any mean):\n", *dict.fromkeys(problems)]
     seconds = [(tables.read_json(run_dir(cfg, run, s) / tables.STATUS_FILE) or {}).get("seconds")
-               for run in runs_in_order(rows, cfg.profile) for s in cfg.seeds]
+               for run in runs_in_order(rows, cfg.profile, search_preset(cfg)) for s in cfg.seeds]
     if any(seconds):
         parts.append(f"\nWall clock of the runs launched by tools/ablate.py (from their {tables.STATUS_FILE}): "
                      f"{sum(x for x in seconds if x) / 60:.1f} min over {sum(1 for x in seconds if x)} runs.\n")
@@ -370,7 +375,7 @@ def main(cfg: DictConfig) -> None:
         if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
             raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
         if not cfg.collect_only:
-            run_all(cfg, runs_in_order(rows, cfg.profile))
+            run_all(cfg, runs_in_order(rows, cfg.profile, search_preset(cfg)))
         path = write_outputs(cfg, rows, collect(cfg, rows))
     except AblateError as err:
         sys.exit(f"error: {err}")

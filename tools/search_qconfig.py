@@ -3,7 +3,14 @@
     python tools/search_qconfig.py                                        # the (cached) synthetic teacher
     python tools/search_qconfig.py teacher.ckpt=PATH budget.max_fp32_layers=3
     python tools/search_qconfig.py budget.max_latency_ratio=1.1 budget.max_size_mb=1.0
+    python tools/search_qconfig.py 'search.bits=[8,6,4,fp32]' budget.packed_like=w4a8   # mixed precision
     python tools/train_kd_qat.py qat.qconfig=<run dir>/qconfig.yaml       # then KD-QAT with the chosen spec
+
+Mixed precision (`search.bits`, qat/mixed.py, where the sensitivity measure is justified): per-layer
+weight bits (and FP32 where it pays) under a packed-size budget, activations at qat.activation_bits;
+writes qconfig.yaml, mixed_precision.md (every configuration evaluated, val and test accuracy),
+pareto.png (val and test accuracy against packed size) and search.json. The rest of this docstring
+is the per-layer FP32 / observer search (the default, `search.bits=null`).
 
 Static PTQ is the fast proxy (qat/sensitivity.py): every configuration is calibrated on training
 clouds, converted to int8 and scored on the val split (carved from the training clouds,
@@ -40,11 +47,14 @@ import data
 import qat
 from distill import seed_everything
 from models import neighbors
-from qat.search import Budget, Candidate, SearchResult, greedy_search, pareto_front, serialized_size_mb
+from qat.search import Budget, Candidate, SearchResult, greedy_search, serialized_size_mb
+from qat.export import packed_size_mb
+from qat.mixed import FP32_BITS, bits_sensitivity, choose, evaluate, greedy_path
+from qat.mixed import packed_like_mb, parse_widths
 from qat.sensitivity import PTQProxy, Sensitivity, analyse, option_choice
 from runtime.logger import RunLogger
 from runtime.measure import latency_ms
-from runtime import pipeline
+from runtime import pipeline, tables
 from runtime.config import ConfigError, USER_ERRORS, pick_device, validate_config
 from runtime.workflow import calibration_loader
 
@@ -75,6 +85,22 @@ def validate_search_config(cfg: DictConfig) -> Budget:
             raise ConfigError(f"search.{key}={value}: use an integer >= {low}{' or null' if nullable else ''}")
     if not 0 <= s.min_kl_gain < 1:
         raise ConfigError(f"search.min_kl_gain={s.min_kl_gain}: use a fraction in [0, 1)")
+    if s.get("bits"):
+        try:
+            parse_widths(list(s.bits))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if budget.packed_mb is None and budget.packed_like is None:
+            raise ConfigError("search.bits needs a packed-size budget: set budget.packed_mb=MB or budget.packed_like=w4a8")
+        for key in ("max_latency_ratio", "max_size_mb"):
+            if getattr(budget, key) is not None:
+                raise ConfigError(f"budget.{key}: not used by the mixed-precision search (every integer width runs on "
+                                  "the same int8 kernels; FP32 layers are bounded by budget.max_fp32_layers); set it to null")
+        if not isinstance(s.path_evals, int) or s.path_evals < 0:
+            raise ConfigError(f"search.path_evals={s.path_evals}: use an integer >= 0")
+    elif budget.packed_mb is not None or budget.packed_like is not None:
+        raise ConfigError("budget.packed_mb / budget.packed_like apply to the mixed-precision search: "
+                          "set search.bits (e.g. [8,6,4,fp32]) or remove them")
     if not cfg.dataset.get("val_fraction"):
         raise ConfigError("dataset.val_fraction=0: the search selects on the val split and never on test; "
                           "set dataset.val_fraction (e.g. 0.1)")
@@ -152,6 +178,9 @@ def run(cfg: DictConfig) -> None:
     logger.console(f"calibration {clouds(calib)} training clouds, selection {clouds(select)} val clouds")
     proxy = PTQProxy(fp32, calib, select, context=lambda: reused_neighbourhoods(reuse, memo))
     base_spec = qat.spec_from_config(cfg.qat)
+    if cfg.search.get("bits"):
+        run_bits(cfg, run_dir, d, fp32, proxy, base_spec, budget, logger, (calib, select), (reuse, memo))
+        return
     batch, threads, network_only = cfg.search.latency_batch, cfg.bench.threads, bool(cfg.search.latency_network_only)
     timing_memo = neighbors.NeighborhoodMemo()  # latency_ms draws the same seeded clouds every call
 
@@ -219,6 +248,125 @@ def run(cfg: DictConfig) -> None:
     logger.finish()
     logger.console(payload["verdict"]["statement"])
     logger.console(f"spec: {spec_path}  report: {run_dir / 'sensitivity.md'}")
+
+
+def run_bits(cfg: DictConfig, run_dir: Path, d: pipeline.Data, fp32: torch.nn.Module, proxy: PTQProxy,
+             base_spec: qat.QConfigSpec, budget: Budget, logger: RunLogger, batches: tuple[list, list],
+             reuse_memo: tuple[bool, neighbors.NeighborhoodMemo]) -> None:
+    """The mixed-precision search (`search.bits`, qat/mixed.py): per-layer weight bits under a packed budget.
+
+    Chooses on val only (sensitivity, greedy, the int8 check); then reads the test split once
+    (`report_batches`) for the held-out accuracy of every configuration it evaluated.
+    """
+    widths = parse_widths(list(cfg.search.bits))
+    try:
+        budget_mb = budget.packed_mb or packed_like_mb(fp32, base_spec, budget.packed_like)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    logger.console(f"mixed precision over weight widths {widths} (32 = FP32), activations {base_spec.activation_bits} "
+                   f"bits, budget {budget_mb:.4f} MB packed" + (f" (= {budget.packed_like})" if budget.packed_like else ""))
+
+    # ---- choose, on val: sensitivity, greedy path, int8 check of the evaluated configurations ----
+    sens = bits_sensitivity(proxy, base_spec, widths, progress=logger.console)
+    try:
+        path = greedy_path(sens, budget_mb, budget.max_fp32_layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    candidates = evaluate(proxy, sens, path, budget_mb, budget.max_fp32_layers, cfg.search.path_evals,
+                          progress=logger.console)
+    try:
+        best = choose(candidates)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    spec_path = qat.save_spec(best.spec, run_dir / "qconfig.yaml")
+    reloaded = qat.load_spec(spec_path)
+    reproduced = proxy.score(proxy.quantize(reloaded)[1])
+    same = reloaded.to_dict() == best.spec.to_dict() and reproduced == best.scores
+    if not same:
+        logger.console(f"WARNING: {spec_path} re-scores {reproduced}, the search measured {best.scores}")
+
+    # ---- report: the choice is made; the test split is read once for every evaluated configuration --
+    report = report_batches(cfg, d)
+    reuse, memo = reuse_memo
+
+    def held_out(model: torch.nn.Module) -> dict[str, float]:
+        return report_metrics(model, report, d.num_classes, reuse, memo)
+
+    fp32_entry = {"label": "FP32", **proxy.fp32.to_dict(), "packed_mb": packed_size_mb(fp32, None),
+                  "report": held_out(fp32)}
+    evaluated = [{**c.to_dict(), "chosen": c is best, "report": held_out(c.int8)} for c in candidates]
+    calib, select = batches
+    payload = {
+        "method": "search_bits", "model": cfg.teacher.model, "width": cfg.teacher.width, "dataset": cfg.dataset.name,
+        "seed": cfg.seed, "num_points": d.num_points, "spec_path": spec_path.name, "budget": budget.to_dict(),
+        "budget_mb": budget_mb, "widths": widths, "activation_bits": base_spec.activation_bits,
+        "data": {"calib_clouds": clouds(calib), "select_clouds": clouds(select), "report_clouds": clouds(report)},
+        "search": OmegaConf.to_container(cfg.search, resolve=True), "fp32": fp32_entry,
+        "chosen": {**evaluated[candidates.index(best)], "reproduced": {**reproduced.to_dict(), "equal": same}},
+        "candidates": evaluated, "greedy_path": path, "sensitivity": sens.rows(),
+    }
+    (run_dir / "mixed_precision.md").write_text(bits_markdown(payload))
+    plot_bits_pareto(payload, run_dir / "pareto.png")
+    pipeline.write_json(run_dir / "search.json", payload)
+    logger.summary({"search/accuracy": best.scores.accuracy, "search/size_mb_packed": best.packed_mb})
+    logger.finish()
+    logger.console(f"chosen: {best.label}, val {best.scores.accuracy:.2f} %, test {payload['chosen']['report']['oa']:.2f} %, "
+                   f"{best.packed_mb:.4f} MB packed (budget {budget_mb:.4f})")
+    logger.console(f"spec: {spec_path}  report: {run_dir / 'mixed_precision.md'}")
+
+
+def bits_markdown(payload: dict[str, Any]) -> str:
+    """The mixed-precision report: every evaluated configuration, the chosen spec, the layers' sensitivities."""
+    acts = payload["activation_bits"]
+    lines = [
+        f"# Mixed-precision search: {payload['model']} width {payload['width']} on {payload['dataset']}",
+        "",
+        f"Weight widths {payload['widths']} (32 = FP32), activations {acts} bits; budget "
+        f"{payload['budget_mb']:.4f} MB packed (bits × parameters + scales, qat/export.py: packed_size_mb)"
+        + (f", the size of uniform {payload['budget']['packed_like']}" if payload["budget"]["packed_like"] else "")
+        + f", at most {payload['budget']['max_fp32_layers']} FP32 layers. Static PTQ on "
+        f"{payload['data']['calib_clouds']} training clouds; chosen on {payload['data']['select_clouds']} val clouds "
+        f"(the most accurate int8 model within budget); the {payload['data']['report_clouds']} test clouds were read "
+        "once, after the choice, for the `test OA` column only. Sensitivity and greedy: qat/mixed.py.",
+        "",
+        "| configuration | packed MB | within budget | FP32 layers | val OA % | val KL | predicted KL | test OA % "
+        "| test mAcc % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    f = payload["fp32"]
+    lines.append(f"| FP32 | {f['packed_mb']:.4f} | | all | {f['accuracy']:.2f} | 0 | | {f['report']['oa']:.2f} "
+                 f"| {f['report']['macc']:.2f} |")
+    for c in payload["candidates"]:
+        name = f"**{c['label']} (chosen)**" if c["chosen"] else c["label"]
+        lines.append(f"| {name} | {c['packed_mb']:.4f} | {'yes' if c['feasible'] else 'no'} | {c['fp32_layers']} | "
+                     f"{c['accuracy']:.2f} | {_cell(c['kl'])} | {_cell(c['predicted_kl'])} | {c['report']['oa']:.2f} "
+                     f"| {c['report']['macc']:.2f} |")
+    chosen = payload["chosen"]
+    lines += ["", f"Chosen spec (`{payload['spec_path']}`, reloaded and re-scored equal: "
+              f"{chosen['reproduced']['equal']}); layers not at {max(w for w in payload['widths'] if w != FP32_BITS)} "
+              f"bits: {chosen['assignment'] or 'none'}", "", "```yaml",
+              yaml.safe_dump(chosen["spec"], sort_keys=False).rstrip(), "```", "", "## Layers, most sensitive first", "",
+              "`s_wB`: KL(FP32 ‖ int8) added on val when only this layer's weights go to B bits in the uniform model "
+              "(negative for fp32: removed); `mb_wB`: packed MB that change adds.", ""]
+    rows = payload["sensitivity"]
+    columns = list(rows[0]) if rows else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_bits_pareto(payload: dict[str, Any], path: Path) -> None:
+    """Val and test accuracy against packed size for every configuration evaluated (runtime/tables.py's plot)."""
+    def record(entry: dict[str, Any]) -> tables.Record:
+        return tables.Record("ok", {"size_mb_packed": entry["packed_mb"], "val_oa": entry["accuracy"],
+                                    "oa": entry["report"]["oa"]})
+
+    rows = [("FP32", [record(payload["fp32"])])]
+    rows += [(c["label"] + (" (chosen)" if c["chosen"] else ""), [record(c)]) for c in payload["candidates"]]
+    tables.plot_pareto(rows, path, "", f"mixed precision, budget {payload['budget_mb']:.3f} MB packed "
+                       f"({len(payload['candidates'])} int8 configurations + FP32)", x_key="size_mb_packed",
+                       x_label="packed size, MB (bits × parameters + scales)",
+                       y_keys=(("val_oa", "val OA % (chooses)"), ("oa", "test OA % (report only)")))
 
 
 def clouds(batches: list) -> int:
@@ -337,32 +485,20 @@ def plot_sensitivity(sensitivity: Sensitivity, path: Path) -> None:
 
 
 def plot_pareto(result: SearchResult, fp32: dict[str, Any], lat: dict[str, Any], path: Path) -> None:
-    """Accuracy against latency and against size for every configuration evaluated; Pareto front marked."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    """Val accuracy against latency for every configuration evaluated, FP32 beside (runtime/tables.py's plot)."""
     what = "network latency" if lat.get("network_only") else "latency"
-    for ax, cost, label in ((axes[0], "latency_ms", f"{what}, ms (batch {lat['batch']}, bench.threads={lat['threads']})"),
-                            (axes[1], "size_mb", "size, MB")):
-        points = [(getattr(c, cost), c.scores.accuracy) for c in result.candidates] + [(fp32[cost], fp32["accuracy"])]
-        feasible = [c.feasible for c in result.candidates] + [False]
-        front = pareto_front(points)
-        ax.scatter(*zip(*[p for p, ok in zip(points[:-1], feasible) if ok] or [(math.nan, math.nan)]),
-                   c="tab:blue", s=22, label="evaluated, within budget")
-        ax.scatter(*zip(*[p for p, ok in zip(points[:-1], feasible) if not ok] or [(math.nan, math.nan)]),
-                   c="grey", marker="x", s=22, label="evaluated, over budget")
-        ax.plot(*zip(*[points[i] for i in front]), color="tab:red", lw=1, marker="o", mfc="none", ms=10,
-                label="Pareto front")
-        ax.scatter(*points[result.base.index], marker="s", c="black", s=60, label="all-int8", zorder=3)
-        ax.scatter(*points[result.best.index], marker="*", c="gold", edgecolors="black", s=180, label="searched",
-                   zorder=4)
-        ax.scatter(*points[-1], marker="^", c="tab:purple", s=70, label="FP32", zorder=3)
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy on the selection clouds, %")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{len(result.candidates)} configurations evaluated (converted int8 models)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def label(c: Candidate) -> str:
+        name = "all-int8" if c is result.base else f"#{c.index}"
+        name += " (searched)" if c is result.best else ""
+        return name + ("" if c.feasible else " (over budget)")
+
+    rows = [(label(c), [tables.Record("ok", {"latency_ms": c.latency_ms, "oa": c.scores.accuracy})])
+            for c in result.candidates]
+    rows.append(("FP32", [tables.Record("ok", {"latency_ms": fp32["latency_ms"], "oa": fp32["accuracy"]})]))
+    tables.plot_pareto(rows, path, lat["batch"], f"{len(result.candidates)} configurations evaluated (converted int8)",
+                       x_key="latency_ms", x_label=f"{what}, ms (batch {lat['batch']}, bench.threads={lat['threads']})",
+                       y_keys=(("oa", "val accuracy on the selection clouds, %"),))
 
 
 if __name__ == "__main__":
