@@ -14,17 +14,13 @@ the floor any gather could reach.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
+import torch
 
-import torch  # noqa: E402
-
-from models import _kernels, create_model  # noqa: E402
-from models import neighbors as N  # noqa: E402
-from _measure import random_clouds, time_interleaved, torch_threads  # noqa: E402
+from models import _kernels, create_model
+from models import neighbors
+from runtime.measure import random_clouds, time_interleaved, torch_threads
 
 RADIUS, NSAMPLE, POINTS = 0.15, 32, 1024  # PointNeXt-S's first set abstraction on ModelNet40
 
@@ -42,13 +38,13 @@ def neighbour_rows(batch_sizes: list[int], gen: torch.Generator) -> list[tuple[s
     rows = []
     for batch in batch_sizes:
         xyz, _ = random_clouds(batch, POINTS, 3, gen)
-        centres = N.gather_points(xyz, N.furthest_point_sample(xyz, POINTS // 2))
+        centres = neighbors.gather_points(xyz, neighbors.furthest_point_sample(xyz, POINTS // 2))
 
         def fps(xyz: torch.Tensor = xyz) -> torch.Tensor:
-            return N.furthest_point_sample(xyz, POINTS // 2)
+            return neighbors.furthest_point_sample(xyz, POINTS // 2)
 
         def ball(xyz: torch.Tensor = xyz, centres: torch.Tensor = centres) -> torch.Tensor:
-            return N.ball_query(RADIUS, NSAMPLE, xyz, centres)
+            return neighbors.ball_query(RADIUS, NSAMPLE, xyz, centres)
 
         rows += [(f"fps {POINTS}->{POINTS // 2}, B={batch}", pure(fps), fps),
                  (f"ball_query {POINTS}x{POINTS // 2} K={NSAMPLE}, B={batch}", pure(ball), ball)]
@@ -80,9 +76,9 @@ def gather_rows(batch_sizes: list[int], gen: torch.Generator) -> list[tuple[str,
         idx = torch.randint(0, POINTS, (batch, POINTS // 2, NSAMPLE), generator=gen)
         for dtype, channels in ((torch.float32, 35), (torch.uint8, 64)):
             table = (torch.rand(batch, POINTS, channels, generator=gen) * 100).to(dtype)
-            out = N.gather_points(table, idx)
+            out = neighbors.gather_points(table, idx)
             rows.append((f"gather {str(dtype)[6:]} C={channels} vs copy, B={batch}",
-                         lambda t=table, i=idx: N.gather_points(t, i), out.clone))
+                         lambda t=table, i=idx: neighbors.gather_points(t, i), out.clone))
     return rows
 
 
