@@ -30,13 +30,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from runtime import tables
 from runtime.config import ConfigError
 from runtime.exits import hydra_entry, main_guard
 from runtime.pipeline import write_json
-from runtime.rundir import refuse_if_in_use
+from runtime.rundir import refuse_if_in_use, remove_if_empty
 from runtime.wandb_offline import find_offline_runs, read_offline_run
 
 
@@ -368,7 +369,8 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
 
 @hydra.main(config_path="../configs", config_name="ablate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    main_guard(lambda: run(cfg))  # bad table, row or option: one line, exit 2 (runtime/exits.py)
+    # bad table, row or option: one line, exit 2, no empty folder left (runtime/exits.py)
+    main_guard(lambda: run(cfg), on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
 
 
 def run(cfg: DictConfig) -> None:
