@@ -128,6 +128,8 @@ def _check_model(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}={name}: {str(err).splitlines()[0]}") from None
 
 
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 # Keys no config file holds that a `+key=value` override may add: each is read somewhere.
 # (`+model.<argument>=` passes an argument to the architecture: `_check_model` validates it.)
 OPTIONAL_KEYS = ("student.ckpt", "compare_backends")
@@ -150,8 +152,8 @@ def check_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         if not override.startswith("+") or override.startswith("++"):
             continue
         key = override[1:].split("=", 1)[0].strip()
-        if key in OPTIONAL_KEYS or key.startswith("model."):
-            continue
+        if key in OPTIONAL_KEYS or key.startswith("model.") or (_CONFIGS / key.replace(".", "/")).is_dir():
+            continue  # `+experiment=[...]` appends a config group's options: hydra checks those
         added = {key} | {k for k in known if k.startswith(key + ".")}
         close = difflib.get_close_matches(key, [k for k in known if k not in added], n=1, cutoff=0.6)
         raise ConfigError(f"+{key}: no such key" + (f"; did you mean {close[0]}?" if close else "")
