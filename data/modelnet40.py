@@ -79,13 +79,13 @@ def load_modelnet40(root: str | Path, split: str, num_points: int) -> CloudSplit
         The concatenated split in file order (natural sort of the file names).
     """
     directory = find_modelnet40_dir(root)
-    class_names = read_class_names(directory / "shape_names.txt", _FIX)
+    class_names = read_class_names(directory / "shape_names.txt", _FIX, root=directory)
     files = sorted(directory.glob(f"ply_data_{split}*.h5"), key=_natural_key)
     if not files:
         raise DataError(f"{directory}: no ply_data_{split}*.h5 files (empty '{split}' split); {_FIX}")
     points, labels = [], []
     for path in files:
-        arrays = read_h5(path, ("data", "label"), _FIX)
+        arrays = read_h5(path, ("data", "label"), _FIX, root=directory)
         pts = check_clouds(arrays["data"], path, num_points)
         labels.append(check_labels(arrays["label"], path, pts.shape[0], class_names))
         points.append(pts)

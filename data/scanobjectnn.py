@@ -40,7 +40,7 @@ def load_scanobjectnn(root: str | Path, split: str, num_points: int) -> CloudSpl
     if not path.is_file() and (root / "main_split").is_dir():
         raise DataError(f"{path}: file not found; dataset.root should be the split folder, "
                         f"e.g. dataset.root={root / 'main_split'}")
-    arrays = read_h5(path, ("data", "label"), _FIX)
+    arrays = read_h5(path, ("data", "label"), _FIX, root=root)
     points = check_clouds(arrays["data"], path, num_points)
     labels = check_labels(arrays["label"], path, points.shape[0], CLASS_NAMES)
     return CloudSplit(points, labels, list(CLASS_NAMES), str(path))

@@ -7,6 +7,9 @@ h5py traceback ever reaches the user.
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +23,7 @@ __all__ = [
     "read_class_names",
     "read_h5",
     "require_dir",
+    "require_file",
 ]
 
 
@@ -41,7 +45,42 @@ def require_dir(path: str | Path, what: str, fix: str) -> Path:
     return path
 
 
-def read_h5(path: Path, keys: Sequence[str], fix: str) -> dict[str, np.ndarray]:
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def require_file(path: Path, fix: str, root: Path | None = None) -> Path:
+    """Return `path` if it is a readable regular file (inside `root`, if given), else one `DataError`.
+
+    Checked before anything opens the file: reading a FIFO blocks forever and a device never
+    ends; a symlink that leaves the data root (a `shape_names.txt` pointing at some system
+    file) would be read as data; an unreadable file is a permission problem, not corruption.
+
+    Args:
+        path: The file to check (symlinks are followed).
+        fix: What the user should do if it is missing, for the message.
+        root: The data root the file must resolve into (None: anywhere).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; {fix}") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror}); fix the path or its permissions") from None
+    for test, kind in _SPECIAL:
+        if test(mode):
+            raise DataError(f"{path}: is {kind}, not a regular file; point to the data file itself")
+    if root is not None and path.is_symlink():
+        target, base = path.resolve(), Path(root).resolve()
+        if not target.is_relative_to(base):
+            raise DataError(f"{path}: a symlink to {target}, outside the data root {base}; "
+                            "copy the file into the data root (or link the whole root)")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: permission denied (not readable); fix its permissions (chmod u+r)")
+    return path
+
+
+def read_h5(path: Path, keys: Sequence[str], fix: str, root: Path | None = None) -> dict[str, np.ndarray]:
     """Read whole datasets `keys` from an HDF5 file, turning every h5py failure into one line.
 
     A truncated download typically opens fine and fails only when a chunk is read, so the
@@ -52,9 +91,9 @@ def read_h5(path: Path, keys: Sequence[str], fix: str) -> dict[str, np.ndarray]:
         keys: Dataset names that must be present; other keys (`normal`, `faceId`, `mask`)
             are ignored.
         fix: What the user should do if the file is unreadable (e.g. re-download).
+        root: The data root the file must lie in (`require_file`).
     """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; {fix}")
+    require_file(path, fix, root)
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in keys if k not in f]
@@ -67,6 +106,8 @@ def read_h5(path: Path, keys: Sequence[str], fix: str) -> dict[str, np.ndarray]:
     except DataError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, OSError) and (e.errno in (errno.EACCES, errno.EPERM) or "Permission denied" in str(e)):
+            raise DataError(f"{path}: permission denied (not readable); fix its permissions (chmod u+r)") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: unreadable HDF5 file, truncated or corrupt ({reason}); {fix}") from None
 
@@ -138,16 +179,22 @@ def check_labels(labels: np.ndarray, path: Path, num_samples: int, class_names: 
     return labels
 
 
-def read_class_names(path: Path, fix: str) -> list[str]:
+def read_class_names(path: Path, fix: str, root: Path | None = None) -> list[str]:
     """Read a class list, one name per line (ModelNet40's `shape_names.txt`).
 
     Args:
         path: The text file.
         fix: What the user should do if it is missing or empty.
+        root: The data root the file must lie in (`require_file`).
     """
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DataError(f"{path}: class list not found; {fix}")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    require_file(path, fix, root)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: class list is not text (UTF-8); one class name per line") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path}: class list is empty; {fix}")
     if len(set(names)) != len(names):

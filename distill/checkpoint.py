@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from models import atomic_write, read_checkpoint
+from models import CheckpointError, atomic_write, read_checkpoint
 
 __all__ = ["CheckpointWriteError", "atomic_torch_save", "load_training_checkpoint", "remove_stale_temporaries"]
 
@@ -41,8 +41,8 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = read_checkpoint(path)
     missing = [key for key in ("model", "epoch", "step", "optimizer") if key not in ckpt]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this project; "
-                         "start without resume=true")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this project; "
+                              "restore the run's own file, or start over with overwrite=true")
     return ckpt
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from data import classification_metrics
 from data.loader import reseed_loader
+from models import CheckpointError
 
 from . import distributed as D
 from .checkpoint import atomic_torch_save, load_training_checkpoint, remove_stale_temporaries
@@ -254,7 +255,13 @@ class Engine:
             remove_stale_temporaries(path)
         if path is None or not path.is_file():
             return False
-        self.load_state_dict(load_training_checkpoint(path))
+        state = load_training_checkpoint(path)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as err:  # another model, phase or optimizer wrote it
+            raise CheckpointError(f"checkpoint {path} does not fit this run's {self.config.tag} model or optimizer "
+                                  f"({str(err).strip().splitlines()[0][:160]}); restore the run's own file, or start "
+                                  "over with overwrite=true") from None
         return True
 
     # ---- the loop ----------------------------------------------------------------------------

@@ -61,10 +61,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def extract_state_dict(ckpt: Mapping[str, Any], path: str | Path = "") -> dict[str, torch.Tensor]:
     """The model weights in a checkpoint: its 'model' or 'state_dict' entry, or the dict itself.
 
-    Strips the `module.` prefix DataParallel/DDP training adds (OpenPoints saves it that way).
+    `path` (the file it was read from) is named in the error. Strips the `module.` prefix DataParallel/DDP training adds (OpenPoints saves it that way).
     """
     for key in ("model", "state_dict"):
         if isinstance(ckpt.get(key), Mapping):
@@ -72,7 +72,8 @@ def extract_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             break
     state = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if not state:
-        raise CheckpointError("checkpoint holds no tensors under 'model', 'state_dict' or at top level")
+        raise CheckpointError(f"checkpoint {path or '(unnamed)'}: holds no tensors under 'model', 'state_dict' or at "
+                              "top level; pass a file of model weights (a state dict)")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
@@ -96,7 +97,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
         The checkpoint's other entries (epoch, cfg, ...) plus 'skipped_keys' when not strict.
     """
     ckpt = read_checkpoint(path)
-    state = extract_state_dict(ckpt)
+    state = extract_state_dict(ckpt, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -34,12 +34,12 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from models import _kernels, atomic_write
+from models import CheckpointError, _kernels, atomic_write
 
 from .spec import QConfigSpec
 
-__all__ = ["MODES", "export_int8", "load_int8", "load_kernels", "read_sidecar", "write_sidecar", "sidecar_path",
-           "file_size_mb", "packed_size_mb"]
+__all__ = ["MODES", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar", "write_sidecar",
+           "sidecar_path", "file_size_mb", "packed_size_mb"]
 
 
 @contextlib.contextmanager
@@ -157,6 +157,35 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     """The JSON sidecar of an artifact (class names, num_points, input layout, metrics)."""
     with open(sidecar_path(path)) as handle:
         return json.load(handle)
+
+
+def read_checked_sidecar(path: str | Path) -> dict[str, Any]:
+    """The sidecar of the artifact at `path`, checked for what loading and prediction rely on.
+
+    A hand-edited or half-copied sidecar would otherwise fail deep inside resampling or the
+    top-k print; here it is one `CheckpointError` naming the file, the field and the fix.
+    """
+    where = sidecar_path(path)
+    fix = f"copy {where.name} again from the run directory (or re-export the artifact)"
+    try:
+        info = read_sidecar(path)
+    except (ValueError, UnicodeDecodeError) as err:  # not JSON
+        raise CheckpointError(f"{where}: not a JSON sidecar ({str(err).splitlines()[0]}); {fix}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, found {type(info).__name__}; {fix}")
+    missing = [key for key in ("class_names", "num_points", "in_channels") if key not in info]
+    if missing:
+        raise CheckpointError(f"{where}: lacks {missing}; {fix}")
+    names = info["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: class_names={names!r} must be a list of strings; {fix}")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: class_names must list at least 2 distinct classes, found {names!r}; {fix}")
+    for key, low in (("num_points", 1), ("in_channels", 3)):
+        value = info[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise CheckpointError(f"{where}: {key}={value!r} must be an integer >= {low}; {fix}")
+    return info
 
 
 def file_size_mb(path: str | Path) -> float:

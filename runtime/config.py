@@ -129,6 +129,8 @@ def _check_model(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}={name}: {str(err).splitlines()[0]}") from None
 
 
+
+
 # Keys no config file holds that a `+key=value` override may add: each is read somewhere.
 # (`+model.<argument>=` passes an argument to the architecture: `_check_model` validates it.)
 OPTIONAL_KEYS = ("student.ckpt", "compare_backends")

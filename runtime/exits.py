@@ -17,16 +17,21 @@ atomic) the request stops the run at once. A second signal always stops at once.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
+import os
+import re
 import signal
 import sys
 from typing import Callable, Iterator
+
+from hydra.errors import CompactHydraException, MissingConfigException
 
 from distill import TrainingStopped
 
 from runtime.config import USER_ERRORS
 
-__all__ = ["EXIT_USER", "EXIT_CRASH", "STOP", "StopRequested", "main_guard", "describe_os_error"]
+__all__ = ["EXIT_USER", "EXIT_CRASH", "STOP", "StopRequested", "main_guard", "hydra_entry", "describe_os_error"]
 
 EXIT_USER = 2
 EXIT_CRASH = 1
@@ -132,6 +137,46 @@ def main_guard(run: Callable[[], object], resume_hint: Callable[[], str] | None 
             raise
         sys.exit(_fail("error: writing a file failed (is the disk full?); free space and rerun "
                        f"(resume=true continues a started run): {str(err).splitlines()[0]}"))
+
+
+def hydra_entry(main: Callable[[], object]) -> None:
+    """Calls a `@hydra.main` function; hydra's own refusals become one line and exit 2.
+
+    Hydra reports an unknown key (`train.epoch=5`), a missing option (`model=foo`) or bad override
+    syntax in several lines, exits 1 (the crash code), and for an unknown key suggests the
+    `+train.epoch=5` form, which would add the typo. HYDRA_FULL_ERROR=1 makes hydra raise them
+    here instead; a crash inside the tool then shows Python's full traceback (exit 1), as before.
+    A file-system error here is hydra creating the run directory (`hydra.run.dir` under a file,
+    on a read-only disk): one line naming the path.
+    """
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        sys.exit(_fail(f"error: {describe_hydra_error(err)}"))
+    except OSError as err:  # hydra creating the run directory (under a file, read-only, ...); the tool's own are main_guard's
+        sys.exit(_fail(f"error: {describe_os_error(err)}"))
+
+
+def describe_hydra_error(err: CompactHydraException) -> str:
+    """One line for a composition error: the key and its closest known sibling, or the options."""
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    parent = getattr(cause, "parent_node", None)
+    if key and parent is not None and hasattr(parent, "keys"):
+        prefix, _, name = str(key).rpartition(".")
+        close = difflib.get_close_matches(name, [str(k) for k in parent.keys()], n=1, cutoff=0.6)
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else "check its spelling"
+        return f"{key}: no such key; {hint} (the tool's keys: --cfg job)"
+    text = str(err)
+    if isinstance(err, MissingConfigException):
+        options = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)+)", text)
+        first = text.splitlines()[0]
+        if options:
+            names = ", ".join(line.strip() for line in options.group(2).splitlines() if line.strip())
+            return f"{first}; use one of {options.group(1)}={{{names}}}"
+        return first
+    return "; ".join(line.strip() for line in text.splitlines()[:2] if line.strip())
 
 
 def _fail(line: str) -> int:

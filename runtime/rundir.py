@@ -30,7 +30,7 @@ from models import atomic_write
 
 from runtime.config import ConfigError
 
-__all__ = ["RunDirectory", "config_changes", "remove_if_empty"]
+__all__ = ["RunDirectory", "config_changes", "refuse_if_in_use", "remove_if_empty"]
 
 # Keys that change how a run is executed or reported, never what it computes.
 _RUN_NEUTRAL = ("resume", "overwrite", "allow_changes", "logger", "train.num_workers", "train.eval_batch_size",
@@ -71,6 +71,29 @@ def _lock_holder(path: Path) -> str:
     return ""
 
 
+def _in_use(path: Path) -> ConfigError:
+    holder = _lock_holder(path)
+    return ConfigError(f"run directory {path} is in use by another process" + (f" (PID {holder})" if holder else "")
+                       + "; wait for it to finish, or choose another hydra.run.dir")
+
+
+def refuse_if_in_use(path: str | Path) -> None:
+    """Raises `ConfigError` naming the holder's PID if a live run holds `path` (for tools that
+    write into or remove another tool's run directory, such as ablate.py relaunching a run)."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise _in_use(path) from None
+    finally:
+        os.close(fd)
+
+
 def remove_if_empty(path: str | Path) -> None:
     """Removes `path` if it is an empty directory: what hydra created for a run that was refused."""
     try:
@@ -107,10 +130,7 @@ class RunDirectory:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            holder = _lock_holder(path)
-            raise ConfigError(f"run directory {path} is in use by another process"
-                              + (f" (PID {holder})" if holder else "")
-                              + "; wait for it to finish, or choose another hydra.run.dir") from None
+            raise _in_use(path) from None
         run = cls(path, fd, resume)
         try:
             run._check(cfg)

@@ -124,14 +124,19 @@ def read_run_dir(path: Path, seed: int, expected_overrides: Sequence[str] | None
                 log.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-    return Record("ok", figures_from_metrics(metrics), epoch_curves(log), source=str(path))
+    try:
+        figures = figures_from_metrics(metrics)
+    except (TypeError, ValueError, AttributeError, IndexError) as err:  # a hand-edited or foreign metrics.json
+        return Record("failed", reason=f"metrics.json malformed ({type(err).__name__}: {str(err).splitlines()[0][:80]})",
+                      source=str(path))
+    return Record("ok", figures, epoch_curves(log), source=str(path))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
     try:
         payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 text
         return None
     return payload if isinstance(payload, dict) else None
 

@@ -230,6 +230,6 @@ def test_predict_fails_a_single_bad_file_with_one_line_naming_it(finished_run, t
     workdir, run_dir = finished_run
     (tmp_path / filename).write_text(content)
     proc = run(workdir, "predict.py", f"artifact={run_dir / 'model_int8.pt'}", f"input={tmp_path / filename}")
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""  # bad input: runtime/exits.py
     first = proc.stderr.splitlines()[0]
     assert first.startswith(f"error: {tmp_path / filename}: ") and problem in first

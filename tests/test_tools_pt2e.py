@@ -64,7 +64,7 @@ def test_evaluate_and_predict_refuse_a_pt2_without_its_sidecar_in_one_line(pt2e_
     cloud = tmp_path / "cloud.npy"
     np.save(cloud, np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32))
     proc = run_tool("predict.py", workdir, f"artifact={lone}", f"input={cloud}", check=False)
-    assert proc.returncode == 1 and "no sidecar model_int8.json" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "no sidecar model_int8.json" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

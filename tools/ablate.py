@@ -30,15 +30,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from runtime import tables
+from runtime.config import ConfigError
+from runtime.exits import hydra_entry, main_guard
 from runtime.pipeline import write_json
+from runtime.rundir import refuse_if_in_use, remove_if_empty
 from runtime.wandb_offline import find_offline_runs, read_offline_run
 
 
-class AblateError(ValueError):
-    """A table, row or option that cannot work; printed as one line."""
+class AblateError(ConfigError):
+    """A table, row or option that cannot work; printed as one line, exit 2 (runtime/exits.py)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def finished(cfg: DictConfig, run: Run, seed: int) -> bool:
 def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
     """Runs one tool in a fresh process and run directory; records the outcome in ablate_status.json."""
     path = run_dir(cfg, run, seed)
+    refuse_if_in_use(path)  # a live run there (started by hand or another ablate.py): its PID, nothing removed
     if path.exists():
         shutil.rmtree(path)  # a failed or stale run of ours: start clean (log.jsonl appends)
     path.mkdir(parents=True)
@@ -196,6 +201,7 @@ def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, s
     ready = [s for s in seeds if not run.search or (run_dir(cfg, Run(SEARCH, ""), s) / "qconfig.yaml").is_file()]
     for seed in seeds:
         path = run_dir(cfg, run, seed)
+        refuse_if_in_use(path)
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
@@ -368,20 +374,22 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
 
 @hydra.main(config_path="../configs", config_name="ablate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        rows = table_rows(cfg)
-        if not cfg.seeds:
-            raise AblateError("seeds=[]: give at least one seed, e.g. seeds=[0,1,2]")
-        if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
-            raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
-        if not cfg.collect_only:
-            run_all(cfg, runs_in_order(rows, cfg.profile, search_preset(cfg)))
-        path = write_outputs(cfg, rows, collect(cfg, rows))
-    except AblateError as err:
-        sys.exit(f"error: {err}")
+    # bad table, row or option: one line, exit 2, no empty folder left (runtime/exits.py)
+    main_guard(lambda: run(cfg), on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
+
+
+def run(cfg: DictConfig) -> None:
+    rows = table_rows(cfg)
+    if not cfg.seeds:
+        raise AblateError("seeds=[]: give at least one seed, e.g. seeds=[0,1,2]")
+    if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
+        raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
+    if not cfg.collect_only:
+        run_all(cfg, runs_in_order(rows, cfg.profile, search_preset(cfg)))
+    path = write_outputs(cfg, rows, collect(cfg, rows))
     print(path.read_text())
     print(f"tables and figures: {path.parent}")
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

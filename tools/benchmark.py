@@ -50,7 +50,10 @@ from models._precomputed import NeighbourIndices, PrecomputedPointNeXt
 from models.neighbors import NeighborhoodMemo, shared_neighborhoods
 from qat.export import export_int8, file_size_mb
 from runtime import pipeline
+from runtime.config import validate_config
+from runtime.exits import hydra_entry, main_guard
 from runtime.measure import time_call, time_interleaved, torch_threads
+from runtime.rundir import RunDirectory, remove_if_empty
 
 # Profiler op names → the stages the report shows (first match wins; neighbour labels are ranges).
 STAGES = {
@@ -463,7 +466,18 @@ def plot(sweeps: dict[str, list], path: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # bad config or checkpoint: one line, exit 2, no run directory left (runtime/exits.py)
+    main_guard(lambda: run(cfg), on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
+
+
+def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    validate_config(cfg)  # bench.threads, bench.repeats, model.*, qat.* before anything is built
+    owner = RunDirectory.open(run_dir, cfg, resume=False)  # locked, never clobbered (runtime/rundir.py)
+    if cfg.pretrained:  # a refused or unfitting checkpoint fails before the first write
+        load_checkpoint(create_model(cfg.model.name, num_classes=cfg.bench.num_classes, width=cfg.model.width),
+                        cfg.pretrained)
+    owner.write_config(cfg)
     if cfg.bench.int8_engine:
         torch.backends.quantized.engine = cfg.bench.int8_engine
     engine = torch.backends.quantized.engine  # prepacks and runs every int8 path here, the artifact on reload too
@@ -548,4 +562,4 @@ def report(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

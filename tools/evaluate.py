@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,12 @@ from distill import seed_everything
 from models import CheckpointError, load_checkpoint, read_checkpoint
 from models.checkpoint import extract_state_dict
 from qat import backend
-from qat.export import read_sidecar, sidecar_path
+from data.validate import require_file
+from qat.export import read_checked_sidecar, read_sidecar, sidecar_path
 from runtime import pipeline
-from runtime.config import ConfigError, USER_ERRORS, pick_device
+from runtime.config import ConfigError, pick_device
+from runtime.exits import hydra_entry, main_guard
+from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.report import save_confusion_png
 
 KINDS = {"fp32": "FP32 checkpoint", "qat": "QAT checkpoint (fake quant)", "int8": "int8 artifact"}
@@ -51,29 +53,30 @@ NO_AUGMENT = {"scale_low": 1.0, "scale_high": 1.0, "translate": 0.0, "jitter_sig
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:  # bad path, config, data or checkpoint: one line, non-zero exit
-        sys.exit(f"error: {err}")
+    # bad path, config, data or checkpoint: one line, exit 2, no run directory left (runtime/exits.py)
+    main_guard(lambda: run(cfg), on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
 
 
 def run(cfg: DictConfig) -> None:
     # ---- set-up: check the arguments, then the split ----------------------------------------------
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     path = Path(cfg.checkpoint)
-    if not cfg.checkpoint or not path.is_file():
+    if not cfg.checkpoint or not path.exists():
         raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file; pass checkpoint=PATH to an FP32 checkpoint, "
                             "a run's student/last.pt or its model_int8.pt (.pt2)")
+    require_file(path, "pass checkpoint=PATH")  # a FIFO, device or unreadable file: refused before opening
     if cfg.split not in ("test", "val", "train"):
         raise ConfigError(f"split={cfg.split}: use test, val or train")
     if not isinstance(cfg.pt2_compile, bool):
         raise ConfigError(f"pt2_compile={cfg.pt2_compile!r}: use true or false")
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # the run directory: locked (not a live run's), never clobbered (runtime/rundir.py)
+    owner = RunDirectory.open(run_dir, cfg, resume=False)
     seed_everything(cfg.seed)
     d = split_data(cfg)
 
     # ---- the model, whatever the file holds, then its predictions ---------------------------------
     kind, model = load_model(path, cfg, d)
+    owner.write_config(cfg)  # every check passed: the first byte written
     device = torch.device("cpu") if kind == "int8" else pick_device(cfg.device)  # fbgemm kernels: CPU only
     if kind != "int8":
         model = model.to(device)
@@ -130,7 +133,7 @@ def load_model(path: Path, cfg: DictConfig, d: pipeline.Data) -> tuple[str, Any]
         raise CheckpointError(f"checkpoint {path} is a TorchScript archive without its sidecar "
                               f"{sidecar_path(path).name}; copy that file from the run directory next to it")
     ckpt = read_checkpoint(path)  # weights_only=True
-    state = extract_state_dict(ckpt)
+    state = extract_state_dict(ckpt, path)
     if any(key.endswith("fake_quant_enabled") for key in state):  # a FakeQuantize's flag: FX-prepared student
         return "qat", load_qat(path, ckpt, state, cfg, d)
     model = pipeline.build_model(cfg.model.name, cfg.model.width, cfg, d)
@@ -154,11 +157,7 @@ def load_artifact(path: Path, d: pipeline.Data, compile_pt2: bool = True) -> Any
     reference int8 graph (quantize/dequantize around float ops), slower, and equal to the
     compiled model up to float rounding.
     """
-    try:
-        sidecar = read_sidecar(path)
-    except ValueError as err:  # not JSON
-        raise CheckpointError(f"{sidecar_path(path)}: unreadable ({err}); "
-                              "copy it again from the run directory") from None
+    sidecar = read_checked_sidecar(path)
     expected = {"in_channels": d.in_channels, "class_names": list(d.test.class_names)}
     for key, value in expected.items():
         if sidecar.get(key) != value:
@@ -224,4 +223,4 @@ def load_qat(path: Path, ckpt: dict[str, Any], state: dict[str, torch.Tensor], c
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -17,8 +17,9 @@ already pads short neighbourhoods by repeating a neighbour), centred and scaled 
 sphere (`normalize=true`: the frame the training clouds are in; raw scans come in any units),
 and given feats = xyz, or xyz + height for 4 channels, by the data package's test-time pipeline.
 
-A bad file (empty, NaN/Inf, wrong column count, unreadable, unsupported type) gets one line on
-stderr naming it and the fix; the other files are still classified, and the exit code is 1.
+A bad file (empty, NaN/Inf, wrong column count, unreadable, unsupported type, a FIFO or device)
+gets one line on stderr naming it and the fix; the other files are still classified, and the
+exit code is 2 (bad input, as for a bad argument or artifact: runtime/exits.py).
 The artifact is loaded by its suffix: `.pt` with `torch.jit.load`, which runs code from the
 archive; `.pt2` (PT2E, `qat.backend=pt2e_x86`) with `torch.export.load`, run as loaded (the
 reference int8 graph) or, with `pt2_compile=true`, compiled by Inductor (int8 kernels; pays
@@ -41,9 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.transforms import AugmentConfig, PointPipeline, build_transforms
-from data.validate import DataError, read_h5
+from data.validate import DataError, read_h5, require_file
 from qat import backend
-from qat.export import read_sidecar, sidecar_path
+from qat.export import read_checked_sidecar, sidecar_path
+from runtime.exits import EXIT_USER, main_guard
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "predict.yaml"
 SUPPORTED = (".npy", ".txt", ".xyz", ".ply", ".h5")
@@ -54,14 +56,13 @@ PLY_ENDIAN = {"binary_little_endian": "<", "binary_big_endian": ">"}
 
 
 def main(argv: list[str]) -> int:
-    """Returns the exit code: 0 when every file was classified, 1 otherwise."""
-    try:
-        cfg = parse_args(argv)
-        model, info = load_artifact(Path(str(cfg.artifact)), cfg.pt2_compile)
-        files = list_inputs(Path(str(cfg.input)))
-    except DataError as err:  # nothing can be classified: one line, exit 1
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    """Returns the exit code: 0 when every file was classified, 2 otherwise.
+
+    A bad argument or artifact (nothing can be classified) raises: `main_guard` prints its one line.
+    """
+    cfg = parse_args(argv)
+    model, info = load_artifact(Path(str(cfg.artifact)), cfg.pt2_compile)
+    files = list_inputs(Path(str(cfg.input)))
     pipeline = build_transforms(AugmentConfig(), "test", cfg.normalize, info["in_channels"])
     failed = []
     for path in files:
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
             print_topk(model, ready[start:start + cfg.batch_size], info["class_names"], cfg.topk)
     if failed:
         print(f"{len(failed)} of {len(files)} file(s) failed: {', '.join(map(str, failed))}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_USER if failed else 0
 
 
 # ---- arguments and the artifact -----------------------------------------------------------------
@@ -107,19 +108,14 @@ def parse_args(argv: list[str]) -> DictConfig:
 def load_artifact(path: Path, compile_pt2: bool = False) -> tuple[Any, dict]:
     """The int8 model (TorchScript, or a PT2E program by its `.pt2` suffix) and its sidecar,
     checked for the keys prediction needs."""
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"artifact={path}: no such file; pass the model_int8.pt (or .pt2) of a run directory")
-    if not sidecar_path(path).is_file():
+    if not sidecar_path(path).exists():
         raise DataError(f"artifact={path}: no sidecar {sidecar_path(path).name} beside it; "
                         "copy it from the run directory")
-    try:
-        info = read_sidecar(path)
-    except ValueError as err:  # not JSON
-        raise DataError(f"{sidecar_path(path)}: unreadable ({err}); copy it again from the run directory") from None
-    missing = [key for key in ("class_names", "num_points", "in_channels") if key not in info]
-    if missing:
-        raise DataError(f"{sidecar_path(path)}: lacks {missing}; re-export the artifact with tools/train_kd_qat.py "
-                        "or tools/quantize.py")
+    for file in (path, sidecar_path(path)):  # a FIFO or device would block the read: refused first
+        require_file(file, "pass the model_int8.pt (or .pt2) of a run directory")
+    info = read_checked_sidecar(path)  # types and ranges of what prediction uses
     try:
         loaded = backend.load_int8(path)
     except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
@@ -141,7 +137,7 @@ def list_inputs(path: Path) -> list[Path]:
         return files
     if not path.exists():
         raise DataError(f"input={path}: no such file or directory")
-    return [path]
+    return [require_file(path, "pass a point-cloud file or a directory of them")]  # never block on a FIFO
 
 
 # ---- reading clouds -----------------------------------------------------------------------------
@@ -282,6 +278,9 @@ def print_topk(model: Any, batch: list[tuple], class_names: list[str], topk: int
     xyz = torch.stack([item[2] for item in batch])  # (B, N, 3)
     feats = torch.stack([item[3] for item in batch])  # (B, C, N)
     probs = model(xyz, feats).softmax(dim=1)  # (B, K)
+    if probs.shape[1] != len(class_names):
+        raise DataError(f"the artifact predicts {probs.shape[1]} classes, its sidecar lists {len(class_names)} "
+                        "class_names; copy model_int8.json again from the run directory")
     values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
     for (name, stored, _, _), p, k in zip(batch, values.tolist(), indices.tolist()):
         ranked = ", ".join(f"{class_names[c]} {q:.3f}" for c, q in zip(k, p))
@@ -289,4 +288,4 @@ def print_topk(model: Any, batch: list[tuple], class_names: list[str], topk: int
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main_guard(lambda: sys.exit(main(sys.argv[1:])))  # bad argument or artifact: one line, exit 2

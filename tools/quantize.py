@@ -15,7 +15,6 @@ else the cached or freshly trained teacher of tools/train_kd_qat.py.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 
@@ -27,17 +26,19 @@ from distill import seed_everything
 from runtime.logger import RunLogger
 import qat
 from runtime import pipeline
-from runtime.config import ConfigError, USER_ERRORS, pick_device, validate_config
+from runtime.config import ConfigError, check_overrides, pick_device, validate_config, wants_resume
+from runtime.exits import hydra_entry, main_guard
+from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.report import compare_table, print_results_table
 from runtime.workflow import METHODS, quantize
 
 
 @hydra.main(config_path="../configs", config_name="quantize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    # bad input: one line, exit 2; SIGTERM/SIGINT: checkpoint, one line saying how to resume (runtime/exits.py)
+    run_dir = HydraConfig.get().runtime.output_dir
+    main_guard(lambda: run(cfg), resume_hint=lambda: f"the same command with resume=true hydra.run.dir={run_dir}",
+               on_user_error=lambda: remove_if_empty(run_dir))
 
 
 def run(cfg: DictConfig) -> None:
@@ -51,12 +52,16 @@ def run(cfg: DictConfig) -> None:
             cfg.teacher.ckpt = cfg.pretrained  # the FP32 model to quantize is the teacher of KD-QAT
         cfg.mode = "kd_qat"
     validate_config(cfg)
+    check_overrides(cfg, HydraConfig.get().overrides.task)
     runs = plan_runs(cfg, methods)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # the run directory: locked, never clobbered, config compared on resume (runtime/rundir.py)
+    owner = RunDirectory.open(run_dir, cfg, resume=wants_resume(cfg))
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    logger = RunLogger(cfg, run_dir, job_type="quantize")
     d = pipeline.build_data(cfg)
+    pipeline.check_teacher_ckpt(cfg, d)  # pretrained= / teacher.ckpt: a bad file fails before any write
+    owner.write_config(cfg)
+    logger = RunLogger(cfg, run_dir, job_type="quantize")
 
     # ---- the FP32 model, then each method from the same weights ---------------------------------
     fp32, source = pipeline.obtain_teacher(cfg, d, run_dir, logger, device)
@@ -123,4 +128,4 @@ def plan_runs(cfg: DictConfig, methods: list[str]) -> list[tuple[str, str, DictC
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

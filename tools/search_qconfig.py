@@ -28,7 +28,6 @@ import csv
 import io
 import itertools
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,16 +54,16 @@ from qat.sensitivity import PTQProxy, Sensitivity, analyse, option_choice
 from runtime.logger import RunLogger
 from runtime.measure import latency_ms
 from runtime import pipeline, tables
-from runtime.config import ConfigError, USER_ERRORS, pick_device, validate_config
+from runtime.config import ConfigError, check_overrides, pick_device, validate_config, wants_resume
+from runtime.exits import hydra_entry, main_guard
+from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.workflow import calibration_loader
 
 
 @hydra.main(config_path="../configs", config_name="search_qconfig", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:  # bad config, data or checkpoint: one line, non-zero exit
-        sys.exit(f"error: {err}")
+    # bad config, data or checkpoint: one line, exit 2, no run directory left (runtime/exits.py)
+    main_guard(lambda: run(cfg), on_user_error=lambda: remove_if_empty(HydraConfig.get().runtime.output_dir))
 
 
 # ---- set-up ----------------------------------------------------------------------------------
@@ -163,11 +162,14 @@ def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     validate_config(cfg)
     budget = validate_search_config(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    check_overrides(cfg, HydraConfig.get().overrides.task)
+    owner = RunDirectory.open(run_dir, cfg, resume=wants_resume(cfg))  # locked, never clobbered (runtime/rundir.py)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    logger = RunLogger(cfg, run_dir, job_type="search")
     d = pipeline.build_data(cfg)
+    pipeline.check_teacher_ckpt(cfg, d)
+    owner.write_config(cfg)  # every check passed: the first byte written
+    logger = RunLogger(cfg, run_dir, job_type="search")
 
     # ---- the FP32 model and the clouds every configuration is calibrated and scored on ----------
     fp32, source = pipeline.obtain_teacher(cfg, d, run_dir, logger, device)
@@ -502,4 +504,4 @@ def plot_pareto(result: SearchResult, fp32: dict[str, Any], lat: dict[str, Any],
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

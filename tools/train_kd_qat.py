@@ -28,7 +28,7 @@ from distill import seed_everything
 from runtime.logger import RunLogger
 from runtime import pipeline
 from runtime.config import check_launch, check_overrides, pick_device, validate_config, wants_resume
-from runtime.exits import main_guard
+from runtime.exits import hydra_entry, main_guard
 from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.report import print_results_table
 from runtime.workflow import quantize
@@ -113,4 +113,4 @@ def run(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)  # hydra's own refusals (unknown key, missing option): one line too
