@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # comparing two accuracies can tell a trained model from a constant-class one (`assert_learned`).
 TINY_CLASSES = 4
 TINY_TRAIN_PER_CLASS, TINY_BATCH = 32, 16
-TINY_STEPS_PER_EPOCH = TINY_CLASSES * TINY_TRAIN_PER_CLASS // TINY_BATCH  # drop_last: 8
+TINY_VAL_PER_CLASS = round(0.1 * TINY_TRAIN_PER_CLASS)  # dataset.val_fraction=0.1 of each class goes to val
+TINY_STEPS_PER_EPOCH = TINY_CLASSES * (TINY_TRAIN_PER_CLASS - TINY_VAL_PER_CLASS) // TINY_BATCH  # drop_last: 7
+TINY_TEST_PER_CLASS = 10
 TINY_DATA = [f"dataset.num_classes={TINY_CLASSES}", f"dataset.train_per_class={TINY_TRAIN_PER_CLASS}",
-             "dataset.test_per_class=10", "dataset.num_points=64", "train.num_workers=0"]
+             f"dataset.test_per_class={TINY_TEST_PER_CLASS}", "dataset.num_points=64", "train.num_workers=0"]
 TINY_TRAIN = ["model.width=8", "teacher.epochs=10", "optim.lr=0.003", "train.epochs=2",
               f"train.batch_size={TINY_BATCH}", "train.eval_batch_size=16", "bench.repeats=1"]
 TINY = TINY_DATA + TINY_TRAIN

@@ -58,7 +58,7 @@ FRESH_CASES = [
     ("unknown_model", ["model.name=foo"], ["model.name=foo"]),
     ("seed_beyond_32_bits", ["seed=99999999999999999999999"], ["seed="]),
     ("untrained_teacher", ["teacher.epochs=0"], ["teacher.epochs=0", "teacher.ckpt"]),
-    ("batch_larger_than_split", ["train.batch_size=200"], ["train.batch_size=200", "96"]),
+    ("batch_larger_than_split", ["train.batch_size=200"], ["train.batch_size=200", "training split"]),
     ("allow_changes_unknown_key", ["resume=true", "allow_changes=[optim.lr]"], ["allow_changes", "train.epochs"]),
     ("resume_and_overwrite", ["resume=true", "overwrite=true"], ["resume=true", "overwrite=true"]),
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _tools
-from _tools import ROOT, assert_learned, load_tool, run_tool
+from _tools import ROOT, TINY_CLASSES, assert_learned, load_tool, run_tool
 
 TINY = _tools.TINY + ["train.epochs=1"]
 
@@ -192,8 +192,8 @@ def test_static_w4a4_writes_accuracy_file_size_and_packed_size(workdir, compare_
     pretrained = compare_run / "teacher" / "final.pt"
     run = run_quantize(workdir, workdir / "w4a4", "method=static", "qat=w4a4", f"pretrained={pretrained}")
     m = read_metrics(run)
-    assert 0 <= m["oa"] <= 100 and m["size_mb"] == pytest.approx((run / "model_int8.pt").stat().st_size / 1e6)
-    model = create_model(m["model"], num_classes=16, width=m["width"])
+    assert m["size_mb"] == pytest.approx((run / "model_int8.pt").stat().st_size / 1e6)
+    model = create_model(m["model"], num_classes=TINY_CLASSES, width=m["width"])
     load_checkpoint(model, pretrained)  # the shapes of the model quantized
     assert m["size_mb_packed"] == pytest.approx(packed_size_mb(model, QConfigSpec(weight_bits=4, activation_bits=4)))
     assert m["size_mb_packed"] < packed_size_mb(model, QConfigSpec()) < m["fp32"]["size_mb_packed"]

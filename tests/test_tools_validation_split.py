@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from _tools import ROOT, TINY, run_tool, tool_env
+from _tools import ROOT, TINY, TINY_CLASSES, TINY_TEST_PER_CLASS, TINY_VAL_PER_CLASS, run_tool, tool_env
 
 GUARD = '''
 import os, runpy, sys
@@ -76,8 +76,9 @@ def test_the_qconfig_search_selects_on_val_and_reads_test_only_for_its_report(tm
     proc = guarded_run("search_qconfig.py", tmp_path, "report_batches", *TINY, *SEARCH_TINY, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     search = json.loads((run_dir / "search.json").read_text())
-    # TINY: 6 training clouds per class, 10 % to val (at least one) -> 16 val clouds; 3 x 16 test clouds
-    assert (search["data"]["select_clouds"], search["data"]["report_clouds"]) == (16, 48)
+    # TINY: 10 % of each class's training clouds to val; every test cloud in the report
+    assert (search["data"]["select_clouds"], search["data"]["report_clouds"]) == (TINY_CLASSES * TINY_VAL_PER_CLASS,
+                                                                                 TINY_CLASSES * TINY_TEST_PER_CLASS)
 
 
 def test_the_search_refuses_without_a_val_split(tmp_path):
@@ -105,5 +106,6 @@ def test_the_mixed_precision_search_selects_on_val_and_reads_test_only_for_its_r
                        "budget.packed_like=w4a8", "search.path_evals=1", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     search = json.loads((run_dir / "search.json").read_text())
-    assert (search["data"]["select_clouds"], search["data"]["report_clouds"]) == (16, 48)
+    assert (search["data"]["select_clouds"], search["data"]["report_clouds"]) == (TINY_CLASSES * TINY_VAL_PER_CLASS,
+                                                                                 TINY_CLASSES * TINY_TEST_PER_CLASS)
     assert all("oa" in c["report"] for c in search["candidates"])
