@@ -173,7 +173,7 @@ def format_cell(cell: Cell, fmt: str = "{:.2f}") -> str:
 @dataclass(frozen=True)
 class Delta:
     mean: float | None
-    low: float | None    # 95 % confidence interval of the mean paired difference; None below two pairs
+    low: float | None    # 95 % confidence interval of the mean paired difference; None below three pairs
     high: float | None
     n: int               # seeds where both runs finished
 
@@ -190,7 +190,9 @@ def paired_delta(values: Sequence[float | None], reference: Sequence[float | Non
     a seed's luck is common to its rows and cancels in the difference; the seeds are the
     independent replicates. t rather than a bootstrap because n is 3 to 5 seeds, where a
     bootstrap over seeds has only a handful of distinct resamples. Interval:
-    mean ± t_{(1+level)/2, n-1} · sd / √n over the seeds where both runs finished.
+    mean ± t_{(1+level)/2, n-1} · sd / √n over the seeds where both runs finished. With fewer
+    than 3 pairs no interval is given: two OA differences on a finite test set can coincide (equal
+    cloud counts), and a zero spread would read as a zero-width, "significant" interval.
     """
     from scipy import stats
 
@@ -199,7 +201,7 @@ def paired_delta(values: Sequence[float | None], reference: Sequence[float | Non
     if not diffs:
         return Delta(None, None, None, 0)
     mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
+    if len(diffs) < 3:
         return Delta(mean, None, None, len(diffs))
     half = float(stats.t.ppf((1 + level) / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return Delta(mean, mean - half, mean + half, len(diffs))
@@ -210,7 +212,7 @@ def format_delta(delta: Delta) -> str:
     if delta.mean is None:
         return MISSING
     if delta.low is None:
-        return f"{delta.mean:+.2f} (n=1)"
+        return f"{delta.mean:+.2f} (n={delta.n})"
     return f"{delta.mean:+.2f} [{delta.low:+.2f}, {delta.high:+.2f}]" + ("*" if delta.significant else "")
 
 

@@ -465,3 +465,10 @@ def test_bits_table_mixed_row_trains_the_mixed_precision_search_of_its_seed(tmp_
         assert composed.budget.packed_like == "w4a8" and 4 in composed.search.bits
         assert trained.mode == "kd_qat"
         assert spec_from_config(composed.qat).activation_bits == 8
+
+
+def test_paired_delta_gives_no_interval_below_three_seeds():
+    """Two seeds with the same difference (equal cloud counts) would make a zero-width 'significant' interval."""
+    delta = tables.paired_delta([51.25, 54.0], [50.0, 52.75])
+    assert delta.n == 2 and delta.low is None and not delta.significant
+    assert tables.format_delta(delta) == "+1.25 (n=2)"
