@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough that a whole KD-QAT run (teacher included) takes seconds on one core, and large
@@ -65,3 +67,11 @@ def load_tool(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name
     spec.loader.exec_module(module)
     return module
+
+
+class ConstantClass(torch.nn.Module):
+    """An int8 'artifact' that answers class 0 for every cloud: what a model that learned nothing
+    scores. The negative control of every "artifact OA = reported OA" test."""
+
+    def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.zeros(xyz.shape[0], dtype=torch.long), 4).float()  # TINY_CLASSES

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 import data
 
-from _tools import ROOT, TINY_CLASSES, TINY_DATA, TINY_TRAIN, TINY_TRAIN_PER_CLASS, assert_learned, run_tool
+from _tools import (ROOT, TINY_CLASSES, TINY_DATA, TINY_TRAIN, TINY_TRAIN_PER_CLASS, ConstantClass, assert_learned,
+                    run_tool)
 
 DATA = TINY_DATA
 TRAIN = TINY_TRAIN + ["train.epochs=1"]
@@ -56,12 +57,6 @@ def test_evaluate_int8_artifact_reproduces_the_accuracy_in_metrics_json(finished
     assert confusion.shape == (K, K) and confusion.sum(axis=1).tolist() == [TEST_PER_CLASS] * K
     assert 100 * np.trace(confusion) / confusion.sum() == pytest.approx(result["oa"])
 
-
-class ConstantClass(torch.nn.Module):
-    """An int8 'artifact' that answers class 0 for every cloud: what a model that learned nothing scores."""
-
-    def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(torch.zeros(xyz.shape[0], dtype=torch.long), 4).float()
 
 
 @pytest.mark.slow

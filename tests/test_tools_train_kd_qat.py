@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _tools as tools
-from _tools import ROOT, TINY, assert_learned
+from _tools import ROOT, TINY, ConstantClass, assert_learned
 
 
 
@@ -67,12 +67,6 @@ def artifact_oa(tmp_path: Path, run: Path, artifact: Path) -> float:
     preds = torch.load(tmp_path / "preds.pt")
     return (preds == batch["label"]).double().mean().item() * 100
 
-
-class ConstantClass(torch.nn.Module):
-    """An 'artifact' that answers class 0 for every cloud: what a model that learned nothing scores."""
-
-    def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(torch.zeros(xyz.shape[0], dtype=torch.long), 4).float()
 
 
 @pytest.mark.slow
