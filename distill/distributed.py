@@ -8,27 +8,24 @@ the engine runs the same code with and without torchrun.
 
 Data parallelism here keeps the *global* batch fixed: `train.batch_size` is the number of clouds
 per optimizer step summed over all processes, each process loads `batch_size / world_size` of
-them. `ShardedSeededSampler` deals out the very order (and the very per-sample augmentation
-seeds) that a single process would draw, so step `k` of an N-process run trains on the same
-clouds, augmented the same way, as step `k` of a one-process run with the same seed.
+them. The per-rank loader and the evaluation shard are data, so they live in `data/loader.py`
+(`build_sharded_loader`, `EvalShard`); this module keeps the process group and collectives.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sized
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "DistEnv", "torchrun_env", "restart_count", "init_distributed", "shutdown", "rank", "world_size", "is_main",
-    "barrier", "broadcast_object", "ShardedSeededSampler", "build_sharded_loader", "EvalShard", "all_gather_cat",
-    "any_across_ranks", "sum_across_ranks", "average_bn_stats", "check_ranks_agree",
+    "barrier", "broadcast_object", "all_gather_cat", "any_across_ranks", "sum_across_ranks", "average_bn_stats",
+    "check_ranks_agree",
 ]
 
 
@@ -114,76 +111,6 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class ShardedSeededSampler(Sampler):
-    """This rank's share of the order a single-process `data.build_loader` would draw.
-
-    Per epoch it draws a permutation of the dataset from `order_generator` exactly as
-    `RandomSampler` does, and one augmentation seed per position from `generator` exactly as
-    `data.SeededSampler` does; it keeps the first `floor(n / global_batch) * global_batch`
-    positions (the batches `drop_last=True` keeps) and yields every `world_size`-th of them,
-    starting at `rank`. Per-rank batches of `global_batch / world_size` items then partition
-    the single-process batches: the union of the ranks' k-th batches is its k-th batch.
-
-    The engine re-seeds both generators at every epoch start (found as the sampler's
-    `order_generator` and `generator`), so resume stays exact.
-    """
-
-    def __init__(self, dataset: Sized, order_generator: torch.Generator, generator: torch.Generator,
-                 global_batch: int, rank: int, world_size: int, seeded_keys: bool = True) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
-        self.n = len(dataset)
-        self.order_generator, self.generator = order_generator, generator
-        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.seeded_keys = seeded_keys
-
-    def __iter__(self) -> Iterator[tuple[int, int] | int]:
-        order = torch.randperm(self.n, generator=self.order_generator).tolist()
-        # One scalar draw per position, like SeededSampler (a vector draw would give other numbers).
-        seeds = [int(torch.randint(0, 2**63 - 1, (), generator=self.generator)) for _ in order]
-        kept = len(self) * self.world_size
-        for position in range(self.rank, kept, self.world_size):
-            yield (order[position], seeds[position]) if self.seeded_keys else order[position]
-
-    def __len__(self) -> int:
-        return (self.n // self.global_batch) * (self.global_batch // self.world_size)
-
-
-def build_sharded_loader(dataset: Dataset, global_batch: int, seed: int, rank: int, world_size: int,
-                         num_workers: int = 0) -> DataLoader:
-    """The training loader of one rank: `global_batch / world_size` clouds per step.
-
-    Built like `data.build_loader(..., shuffle=True, drop_last=True)` (same generators, same
-    worker seeding), so with `world_size=1` it yields exactly that loader's batches.
-    """
-    from data.loader import seed_worker  # the data package's worker seeding, not a copy of it
-
-    order_gen = torch.Generator().manual_seed(seed)
-    sampler = ShardedSeededSampler(dataset, order_gen, torch.Generator().manual_seed(seed + 1_000_003), global_batch,
-                                   rank, world_size, seeded_keys=getattr(dataset, "accepts_seeded_keys", False))
-    return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, worker_init_fn=seed_worker,
-                      generator=torch.Generator().manual_seed(seed + 2_000_006),  # as data.build_loader
-                      persistent_workers=num_workers > 0)
-
-
-class EvalShard(Sampler):
-    """Every `world_size`-th index from `rank`, no padding: the ranks' shards partition the split.
-
-    (torch's `DistributedSampler` pads with repeated samples, which would count some clouds
-    twice in OA and mAcc.)
-    """
-
-    def __init__(self, dataset: Sized, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, len(dataset), world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def all_gather_cat(tensor: Tensor) -> Tensor:

@@ -365,7 +365,7 @@ class Engine:
     def evaluate(self, loader: Iterable[dict[str, Tensor]], prefix: str = "val") -> dict[str, float]:
         """OA and mAcc (percent) of the student in eval mode, named `{prefix}/oa_{tag}`.
 
-        Under torchrun `loader` holds this rank's shard of the split (`distributed.EvalShard`);
+        Under torchrun `loader` holds this rank's shard of the split (`data.EvalShard`);
         the predictions of all shards are gathered, so every rank reports the whole split.
         """
         model = _unwrap(self.student)

@@ -107,8 +107,8 @@ def build_data(cfg: DictConfig) -> Data:
         train_loader = data.build_loader(train, cfg.train.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed,
                                          drop_last=True)
         return Data(train, test, train_loader, test_loader, full_val_loader, val, full_val_loader)
-    train_loader = distributed.build_sharded_loader(train, cfg.train.batch_size, cfg.seed, rank, world, num_workers=workers)
-    val_loader = eval_loader(val, distributed.EvalShard(val, rank, world)) if val is not None else None
+    train_loader = data.build_sharded_loader(train, cfg.train.batch_size, cfg.seed, rank, world, num_workers=workers)
+    val_loader = eval_loader(val, data.EvalShard(val, rank, world)) if val is not None else None
     return Data(train, test, train_loader, test_loader, val_loader, val, full_val_loader)
 
 

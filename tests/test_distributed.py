@@ -17,8 +17,7 @@ from torch.utils.data import Dataset
 import _tools as tools
 from _tools import ROOT, TINY_DATA, TINY_TRAIN, assert_learned
 from data import build_loader
-from data.loader import reseed_loader
-from distill import distributed
+from data.loader import EvalShard, build_sharded_loader, reseed_loader
 
 
 
@@ -46,7 +45,7 @@ def seed_like_the_engine(loader, epoch, seed=0):
 def test_sharded_loader_partitions_every_single_process_batch(world):
     dataset, global_batch = Keys(50), 12
     one = build_loader(dataset, global_batch, shuffle=True, seed=0, drop_last=True)
-    shards = [distributed.build_sharded_loader(dataset, global_batch, 0, rank, world) for rank in range(world)]
+    shards = [build_sharded_loader(dataset, global_batch, 0, rank, world) for rank in range(world)]
     for epoch in range(2):
         for loader in [one, *shards]:
             seed_like_the_engine(loader, epoch)
@@ -60,7 +59,7 @@ def test_sharded_loader_partitions_every_single_process_batch(world):
 
 
 def test_eval_shards_cover_the_split_once():
-    shards = [list(distributed.EvalShard(range(11), rank, 3)) for rank in range(3)]
+    shards = [list(EvalShard(range(11), rank, 3)) for rank in range(3)]
     assert sorted(sum(shards, [])) == list(range(11))
 
 
