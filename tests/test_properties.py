@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from _tools import ROOT, load_tool
+from data.files import read_clouds
 from data.transforms import AugmentConfig, build_transforms
 from data.validate import DataError, check_clouds, check_labels, read_h5
 
@@ -86,8 +86,6 @@ def test_read_h5_turns_any_corrupt_file_into_data_error(tmp_path, blob):
 @FAST
 @given(blob=st.binary(max_size=200), suffix=st.sampled_from([".npy", ".txt", ".xyz", ".ply", ".h5"]))
 def test_predict_readers_return_clouds_or_raise_data_error(tmp_path, blob, suffix):
-    read_clouds = load_tool("predict").read_clouds
-
     path = tmp_path / f"cloud{suffix}"
     path.write_bytes(blob)
     try:
