@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import atomic_write, neighbors
+from atomic_io import atomic_write
+from models import neighbors
 
 __all__ = ["cached_furthest_point_sample", "furthest_point_sample"]
 

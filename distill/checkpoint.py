@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from models import CheckpointError, atomic_write, read_checkpoint
+from atomic_io import atomic_write
+from models import CheckpointError, read_checkpoint
 
 __all__ = ["CheckpointWriteError", "atomic_torch_save", "load_training_checkpoint", "remove_stale_temporaries"]
 
@@ -21,7 +22,7 @@ def _temporaries(path: Path) -> list[Path]:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` through `models.atomic_write`: temporary file, fsync, rename over `path`.
+    """`torch.save` through `atomic_io.atomic_write`: temporary file, fsync, rename over `path`.
 
     A process killed at any moment leaves either the previous complete file or the new complete
     file, never a truncated one that a later `resume=true` would trust. What a kill can leave is

@@ -1,25 +1,21 @@
-"""Safe checkpoint loading for our checkpoints and OpenPoints' (`{'model': state_dict, ...}`),
-and the one atomic file write every package uses.
+"""Safe checkpoint loading for our checkpoints and OpenPoints' (`{'model': state_dict, ...}`).
 
 Loading always uses `torch.load(weights_only=True)`: a file that would need to unpickle
-arbitrary objects (and could run code doing so) is refused, never executed. Writing goes
-through `atomic_write` (here, at the bottom of the dependency order, so that data, distill,
-qat and tools share it): a process killed at any moment leaves the old file or the new one.
+arbitrary objects (and could run code doing so) is refused, never executed. Writing lives with
+its writers (`distill.atomic_torch_save`, through the project-wide `atomic_io.atomic_write`).
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint", "atomic_write"]
+__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint"]
 
 _LISTED = 5  # how many offending keys one error message names
 
@@ -124,30 +120,3 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     if not strict:
         extras["skipped_keys"] = missing + unexpected + [m.split(" ")[0] for m in mismatched]
     return extras
-
-
-def atomic_write(path: str | Path, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:
-    """Runs `write(tmp)` on a temporary file beside `path`, fsyncs it, then renames it over `path`.
-
-    The temporary is hidden (`.<name>.<random><suffix>`, unique per call so concurrent writers
-    never share one) and deleted if `write` raises; a kill can leave it behind, never a truncated
-    `path`. `write` receives the temporary's path as a string (torch.save, savefig and
-    `Path.write_text` all take one). `suffix`: for writers that check the name's extension
-    (`torch.export.save` wants `.pt2`), e.g. `".tmp.pt2"`.
-
-    Returns:
-        `path` as a Path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:  # durable before it becomes visible under its final name
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

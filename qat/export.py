@@ -34,7 +34,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from models import CheckpointError, _kernels, atomic_write
+from atomic_io import atomic_write
+from models import CheckpointError, _kernels
 
 from .spec import QConfigSpec
 

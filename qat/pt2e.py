@@ -54,7 +54,8 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from models import atomic_write, neighbor_ops
+from atomic_io import atomic_write
+from models import neighbor_ops
 
 from .export import file_size_mb, write_sidecar
 from .fx import set_fake_quant, set_observer  # torch.ao's fake-quant interface, which torchao's modules share

@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from models import atomic_write
+from atomic_io import atomic_write
+
 
 __all__ = [
     "BACKENDS",
@@ -355,7 +356,7 @@ def load_spec(path: str | os.PathLike) -> QConfigSpec:
 
 
 def save_spec(spec: QConfigSpec, path: str | os.PathLike) -> Path:
-    """Writes `spec` as YAML atomically (`models.atomic_write`: temporary file, then rename).
+    """Writes `spec` as YAML atomically (`atomic_io.atomic_write`: temporary file, then rename).
 
     Atomic so a search killed mid-write never leaves a truncated spec that a later training run
     would read as a different configuration.

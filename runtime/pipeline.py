@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader
 
 import data
 import qat
+from atomic_io import atomic_write
 from distill import (
     DistillationLoss, Engine, EngineConfig, atomic_torch_save, predict,
     seed_everything,
 )
 from distill import distributed
-from models import CheckpointError, atomic_write, create_model, load_checkpoint
+from models import CheckpointError, create_model, load_checkpoint
 from models.neighbors import shared_neighborhoods
 
 from runtime.config import ConfigError, wants_resume

@@ -16,7 +16,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 import qat
-from models import atomic_write
+from atomic_io import atomic_write
 from qat import backend
 from qat.export import file_size_mb, packed_size_mb
 

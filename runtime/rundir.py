@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from models import atomic_write
+from atomic_io import atomic_write
 
 from runtime.config import ConfigError
 

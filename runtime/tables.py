@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from models import atomic_write
+from atomic_io import atomic_write
 
 __all__ = [
     "Column", "Record", "Cell", "MAIN_COLUMNS", "QAT_COLUMNS", "figures_from_metrics", "figures_from_wandb",
