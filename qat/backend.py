@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import export, fx, pt2e
-from .spec import PT2E_BACKENDS, QConfigSpec
+from .spec import PT2E_BACKENDS, QConfigSpec, weighted_layer_names  # a question about the float model
 
 __all__ = [
     "QuantBackend",
@@ -98,7 +98,6 @@ class QuantBackend(Protocol):
 # Artifact file suffix per backend module; `load_int8` reads the format from the suffix.
 ARTIFACT_SUFFIXES = {"fx": ".pt", "pt2e": ".pt2"}
 
-weighted_layer_names = fx.weighted_layer_names  # a question about the float model: backend-neutral
 # both backends' fake quants (torch.ao's and torchao's) have `enable_fake_quant` / `enable_observer`
 set_fake_quant = fx.set_fake_quant
 set_observer = fx.set_observer

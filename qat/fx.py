@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
@@ -83,7 +82,7 @@ from torch.fx import GraphModule
 
 from models import neighbors
 
-from .spec import LayerChoice, QConfigSpec, SpecError, activation_range, weight_range
+from .spec import LayerChoice, QConfigSpec, SpecError, activation_range, check_names, covers, weight_range
 
 __all__ = [
     "build_qconfig_mapping",
@@ -98,7 +97,6 @@ __all__ = [
     "freeze_bn_stats",
     "unfreeze_bn_stats",
     "bn_frozen",
-    "weighted_layer_names",
     "quantized_op_count",
     "float_op_names",
 ]
@@ -172,11 +170,6 @@ def _qconfig(spec: QConfigSpec, choice: LayerChoice | None, qat: bool) -> QConfi
     )
 
 
-def _covered(name: str, names: Sequence[str]) -> bool:
-    """Whether `name` is one of `names` or lies under one of them (a module-name qconfig covers children)."""
-    return any(name == n or name.startswith(n + ".") for n in names)
-
-
 def build_qconfig_mapping(spec: QConfigSpec, qat: bool, model: nn.Module | None = None) -> QConfigMapping:
     """Translates a spec into the `QConfigMapping` that FX prepare consumes.
 
@@ -196,7 +189,7 @@ def build_qconfig_mapping(spec: QConfigSpec, qat: bool, model: nn.Module | None 
         SpecError: A named module does not exist, or type overrides without a model.
     """
     if model is not None:
-        _check_names(spec, model)
+        check_names(spec, model)
     elif spec.type_overrides:
         raise SpecError("type_overrides need the model to resolve; pass model= to build_qconfig_mapping")
     default = get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping
@@ -206,35 +199,13 @@ def build_qconfig_mapping(spec: QConfigSpec, qat: bool, model: nn.Module | None 
     if spec.type_overrides:
         for name, module in model.named_modules():
             choice = spec.type_overrides.get(type(module).__name__)
-            if choice is not None and type(module) is _TYPES[type(module).__name__] and not _covered(name, explicit):
+            if choice is not None and type(module) is _TYPES[type(module).__name__] and not covers(name, explicit):
                 mapping.set_module_name(name, _qconfig(spec, choice, qat))
     for name, choice in spec.module_overrides.items():
         mapping.set_module_name(name, _qconfig(spec, choice, qat))
     for name in spec.keep_fp32:
         mapping.set_module_name(name, None)
     return mapping
-
-
-def weighted_layer_names(model: nn.Module) -> list[str]:
-    """Names of the conv/linear modules of a float model: the units a spec can name and quantize."""
-    return [name for name, module in model.named_modules() if isinstance(module, _WEIGHTED)]
-
-
-def _check_names(spec: QConfigSpec, model: nn.Module) -> None:
-    """Every named module must exist and hold a conv/linear; otherwise its entry would silently do nothing."""
-    modules = dict(model.named_modules())
-    weighted = weighted_layer_names(model)
-    for field, names in (("keep_fp32", spec.keep_fp32), ("module_overrides", list(spec.module_overrides))):
-        for name in names:
-            if name not in modules:
-                near = difflib.get_close_matches(name, list(modules), n=3)
-                hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-                raise SpecError(f"{field}: the model has no module {name!r}{hint}")
-            if not any(_covered(w, [name]) for w in weighted):
-                raise SpecError(
-                    f"{field}: {name!r} is a {type(modules[name]).__name__} with no conv/linear inside "
-                    "(a BN or ReLU is fused into its conv); name the conv or the block that holds it"
-                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,9 +43,8 @@ from typing import Any
 import torch.nn as nn
 
 from .export import packed_size_mb
-from .fx import weighted_layer_names
 from .sensitivity import PTQProxy, Scores, layer_units
-from .spec import BITS, LayerChoice, QConfigSpec
+from .spec import BITS, LayerChoice, QConfigSpec, weighted_layer_names
 
 __all__ = ["FP32_BITS", "parse_widths", "uniform_spec", "packed_like_mb", "bits_spec", "BitsSensitivity",
            "bits_sensitivity", "greedy_path", "BitsCandidate", "evaluate", "choose"]

@@ -46,7 +46,7 @@ import copy
 import time
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,7 +59,7 @@ from models import neighbor_ops
 
 from .export import file_size_mb, write_sidecar
 from .fx import set_fake_quant, set_observer  # torch.ao's fake-quant interface, which torchao's modules share
-from .spec import PT2E_BACKENDS, LayerChoice, QConfigSpec, SpecError
+from .spec import PT2E_BACKENDS, LayerChoice, QConfigSpec, SpecError, check_names, covers
 
 __all__ = [
     "is_pt2e_model",
@@ -166,15 +166,13 @@ def _quantizer(spec: QConfigSpec, model: nn.Module, qat: bool) -> Any:
     """`X86InductorQuantizer` for the spec; type overrides resolved to module names as in qat/fx.py."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-    from .fx import _check_names  # model-level name checks, shared so both backends accept the same specs
-
-    _check_names(spec, model)
+    check_names(spec, model)  # the same model-level checks as qat/fx.py: both accept the same specs
     modules = dict(model.named_modules())
     explicit = [*spec.keep_fp32, *spec.module_overrides]
     entries: list[tuple[str, Any]] = []  # (name as written or resolved, config); None keeps FP32
     for name, module in model.named_modules():
         choice = spec.type_overrides.get(type(module).__name__)
-        if choice is not None and type(module) is _TYPES[type(module).__name__] and not _covered(name, explicit):
+        if choice is not None and type(module) is _TYPES[type(module).__name__] and not covers(name, explicit):
             entries.append((name, _quantization_config(spec, choice, qat)))
     entries += [(name, _quantization_config(spec, c, qat)) for name, c in spec.module_overrides.items()]
     entries += [(name, None) for name in spec.keep_fp32]
@@ -187,10 +185,6 @@ def _quantizer(spec: QConfigSpec, model: nn.Module, qat: bool) -> Any:
     for name, config in per_name.items():
         quantizer.set_module_name_qconfig(name, config)
     return quantizer
-
-
-def _covered(name: str, names: Sequence[str]) -> bool:
-    return any(name == n or name.startswith(n + ".") for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +224,8 @@ def _check_kept_fp32(prepared: GraphModule, spec: QConfigSpec) -> None:
     """Every `keep_fp32` name must have come out unquantized (a name inside a fused pattern does not)."""
     quantized = {name for name, is_int8 in _weighted_nodes(prepared) if is_int8}
     for name in spec.keep_fp32:
-        deeper = [n for n in spec.module_overrides if _covered(n, [name]) and n != name]
-        hit = sorted(q for q in quantized if _covered(q, [name]) and not _covered(q, deeper))
+        deeper = [n for n in spec.module_overrides if covers(n, [name]) and n != name]
+        hit = sorted(q for q in quantized if covers(q, [name]) and not covers(q, deeper))
         if hit:
             parent = name.rsplit(".", 1)[0]
             raise SpecError(

@@ -20,7 +20,7 @@ usually recovers part of what a layer loses, so the proxy over-states sensitivit
 orders layers as QAT would is not measured here.
 Every configuration is converted to int8 (`qat.fx.convert`): the numbers are the int8 model's,
 not a fake-quant simulation's. Everything here goes through `qat.fx` (prepare_ptq, convert,
-weighted_layer_names, layer_output_sqnr) and `qat.ptq.calibrate`: backend-neutral, it would
+layer_output_sqnr; `weighted_layer_names` from `qat.spec`) and `qat.ptq.calibrate`: backend-neutral, it would
 run unchanged on a PT2E backend module with the same functions.
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fx import convert, layer_output_sqnr, prepare_ptq, weighted_layer_names
+from .fx import convert, layer_output_sqnr, prepare_ptq
 from .ptq import calibrate
-from .spec import ACTIVATION_OBSERVERS, WEIGHT_SCHEMES, LayerChoice, QConfigSpec
+from .spec import ACTIVATION_OBSERVERS, WEIGHT_SCHEMES, LayerChoice, QConfigSpec, weighted_layer_names
 
 __all__ = [
     "FP32",

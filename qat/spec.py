@@ -4,7 +4,9 @@ A `QConfigSpec` fully determines the `QConfigMapping` that `qat/fx.py` builds fr
 configuration chosen by hand or by the per-layer search is a YAML file: reviewable in a diff,
 reusable with `train_kd_qat.py qat.qconfig=PATH`. This module knows nothing of
 `torch.ao.quantization`; it names choices (`'per_channel'`, `'histogram'`) and validates them
-once, in `__post_init__`, with errors that say how to fix the value.
+once, in `__post_init__`, with errors that say how to fix the value. Checks of a spec against a
+model's module names (`check_names`, `covers`, `weighted_layer_names`) live here too: both
+backends run them, so both accept exactly the same specs.
 
 The file format is the dict of `QConfigSpec.to_dict()`, e.g.::
 
@@ -24,12 +26,14 @@ The file format is the dict of `QConfigSpec.to_dict()`, e.g.::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
 import yaml
 
 from atomic_io import atomic_write
@@ -51,6 +55,9 @@ __all__ = [
     "load_spec",
     "save_spec",
     "spec_from_config",
+    "covers",
+    "weighted_layer_names",
+    "check_names",
 ]
 
 # FX backends: `convert_fx` lowering for x86 CPUs; both use 8-bit weights and the same
@@ -376,3 +383,38 @@ def spec_from_config(cfg: Mapping[str, Any]) -> QConfigSpec:
     if path:
         return load_spec(path)
     return QConfigSpec.from_dict({key: cfg[key] for key in SPEC_KEYS if key in cfg})
+
+
+# ---- the spec against a model: the same checks for every backend --------------------------------
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def covers(name: str, names: Sequence[str]) -> bool:
+    """Whether `name` is one of `names` or lies under one of them (a module-name qconfig covers children)."""
+    return any(name == n or name.startswith(n + ".") for n in names)
+
+
+def weighted_layer_names(model: nn.Module) -> list[str]:
+    """Names of the conv/linear modules of a float model: the units a spec can name and quantize."""
+    return [name for name, module in model.named_modules() if isinstance(module, _WEIGHTED)]
+
+
+def check_names(spec: QConfigSpec, model: nn.Module) -> None:
+    """Every module `spec` names must exist and hold a conv/linear; otherwise its entry would silently do nothing.
+
+    Raises:
+        SpecError: One line naming the field, the module and the closest existing names.
+    """
+    modules = dict(model.named_modules())
+    weighted = weighted_layer_names(model)
+    for field_name, names in (("keep_fp32", spec.keep_fp32), ("module_overrides", list(spec.module_overrides))):
+        for name in names:
+            if name not in modules:
+                near = difflib.get_close_matches(name, list(modules), n=3)
+                hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+                raise SpecError(f"{field_name}: the model has no module {name!r}{hint}")
+            if not any(covers(w, [name]) for w in weighted):
+                raise SpecError(
+                    f"{field_name}: {name!r} is a {type(modules[name]).__name__} with no conv/linear inside "
+                    "(a BN or ReLU is fused into its conv); name the conv or the block that holds it"
+                )

@@ -80,6 +80,17 @@ def test_spec_pt2e_refuses_per_tensor_weights_naming_the_field(fields, where):
     QConfigSpec(backend="fbgemm", **fields)  # FX expresses them
 
 
+@pytest.mark.parametrize("name, problem", [
+    ("encoder.encoder.1.0.conv.0", r"keep_fp32: the model has no module 'encoder.encoder.1.0.conv.0'; did you mean"),
+    ("encoder.encoder.1.0.convs.0.1", r"'encoder.encoder.1.0.convs.0.1' is a BatchNorm\dd with no conv/linear inside"),
+])
+def test_both_backends_refuse_a_spec_naming_a_module_that_cannot_be_quantized_in_the_same_line(name, problem):
+    """One check (`qat.spec.check_names`) before either backend traces: both accept the same specs."""
+    for name_of_backend in ("fbgemm", "pt2e_x86"):
+        with pytest.raises(SpecError, match=problem):
+            backend.prepare_qat(tiny(), QConfigSpec(backend=name_of_backend, keep_fp32=[name]), clouds(2, 0))
+
+
 def test_export_keeps_neighbour_search_as_one_op_per_call_for_any_batch():
     originals = neighbors.furthest_point_sample, neighbors.ball_query
     model = tiny().eval()
