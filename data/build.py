@@ -22,7 +22,7 @@ from data.validate import DataError
 
 __all__ = ["DATASETS", "SPLITS", "build_dataset", "split_validation"]
 
-REQUIRED = ("name", "root", "num_points", "num_classes", "in_channels")
+REQUIRED = ("name", "root", "num_points", "in_channels")  # num_classes: optional, read from the class list
 SPLITS = ("train", "val", "test")
 # Per-dataset defaults for the optional keys, following each OpenPoints recipe (which has no
 # validation split: val_fraction 0); the YAML files set them explicitly (val_fraction 0.1), these
@@ -69,7 +69,7 @@ def _load(name: str, c: dict[str, Any], split: str) -> CloudSplit:
     if name == "synthetic":
         try:
             gen = SyntheticConfig(**{k: int(c[k]) for k in ("seed", "train_per_class", "test_per_class",
-                                                             "points_per_shape", "num_classes") if k in c})
+                                                             "points_per_shape", "num_classes") if c.get(k) is not None})
         except DataError:
             raise
         except (TypeError, ValueError) as e:
@@ -94,7 +94,25 @@ def _holdout(data: CloudSplit, split: str, c: dict[str, Any]) -> CloudSplit:
                         "(e.g. 0.1) to carve one from the training clouds")
     train, val = split_validation(data.labels, float(fraction), int(c["val_seed"]))
     keep = val if split == "val" else train
-    return CloudSplit(data.points[keep], data.labels[keep], data.class_names, data.source)
+    return CloudSplit(data.points[keep], data.labels[keep], data.class_names, data.source, data.class_list)
+
+
+def _check_class_count(num_classes: Any, data: CloudSplit) -> None:
+    """`dataset.num_classes`, when given, must equal the class list's length (null: the list decides).
+
+    The class list (ModelNet40's `shape_names.txt`, ScanObjectNN's built-in list, the synthetic
+    cache's `shape_names.txt`) is the truth: labels index into it and the model's head gets its
+    length. An explicit count that disagrees is a mistake caught here, before any model is built.
+    """
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise DataError(f"dataset.num_classes={num_classes!r}: use a positive integer, or null to read the count "
+                        f"from the class list ({data.class_list})")
+    if num_classes != len(data.class_names):
+        raise DataError(f"dataset.num_classes={num_classes} but the class list {data.class_list} has "
+                        f"{len(data.class_names)} classes; set dataset.num_classes={len(data.class_names)} or "
+                        "null (read from the class list)")
 
 
 def build_dataset(cfg: Mapping, split: str) -> PointCloudDataset:
@@ -142,8 +160,6 @@ def build_dataset(cfg: Mapping, split: str) -> PointCloudDataset:
         data.points = cached_furthest_point_sample(data.points, c["num_points"], data.source)
     if split != "test":
         data = _holdout(data, split, c)
-    if int(c["num_classes"]) != len(data.class_names):
-        raise DataError(f"dataset.num_classes={c['num_classes']} but {data.source} has {len(data.class_names)} "
-                        f"classes; set dataset.num_classes={len(data.class_names)}")
+    _check_class_count(c.get("num_classes"), data)
     pipeline = build_transforms(augment, split, bool(c["normalize"]), int(c["in_channels"]))
     return PointCloudDataset(data, name, split, c["num_points"], pipeline, c["resample"])

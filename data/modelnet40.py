@@ -42,12 +42,14 @@ class CloudSplit:
         labels: int64 (S,), indices into `class_names`.
         class_names: Class list; `labels` index into it.
         source: Where it was read from, for messages and logs.
+        class_list: Where `class_names` come from (a file, or the reader's built-in list), for messages.
     """
 
     points: np.ndarray
     labels: np.ndarray
     class_names: list[str]
     source: str
+    class_list: str
 
 
 def _natural_key(path: Path) -> tuple:
@@ -79,7 +81,8 @@ def load_modelnet40(root: str | Path, split: str, num_points: int) -> CloudSplit
         The concatenated split in file order (natural sort of the file names).
     """
     directory = find_modelnet40_dir(root)
-    class_names = read_class_names(directory / "shape_names.txt", _FIX, root=directory)
+    class_list = directory / "shape_names.txt"
+    class_names = read_class_names(class_list, _FIX, root=directory)
     files = sorted(directory.glob(f"ply_data_{split}*.h5"), key=_natural_key)
     if not files:
         raise DataError(f"{directory}: no ply_data_{split}*.h5 files (empty '{split}' split); {_FIX}")
@@ -93,7 +96,7 @@ def load_modelnet40(root: str | Path, split: str, num_points: int) -> CloudSplit
     if len(widths) > 1:
         raise DataError(f"{directory}: '{split}' files disagree on points per cloud {sorted(widths)}; "
                         "all files of a split must hold the same number of points")
-    return CloudSplit(np.concatenate(points), np.concatenate(labels), class_names, str(directory))
+    return CloudSplit(np.concatenate(points), np.concatenate(labels), class_names, str(directory), str(class_list))
 
 
 def write_modelnet40(directory: str | Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],

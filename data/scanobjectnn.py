@@ -43,4 +43,4 @@ def load_scanobjectnn(root: str | Path, split: str, num_points: int) -> CloudSpl
     arrays = read_h5(path, ("data", "label"), _FIX, root=root)
     points = check_clouds(arrays["data"], path, num_points)
     labels = check_labels(arrays["label"], path, points.shape[0], CLASS_NAMES)
-    return CloudSplit(points, labels, list(CLASS_NAMES), str(path))
+    return CloudSplit(points, labels, list(CLASS_NAMES), str(path), "data/scanobjectnn.py: CLASS_NAMES (the release's list)")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from data import build_dataset
+from data.modelnet40 import write_modelnet40 as write_m40_layout
 from data.scanobjectnn import CLASS_NAMES as SONN_CLASSES
+from data.validate import DataError
 
 M40_CLASSES = ["airplane", "bathtub", "bed", "bench"]
 
@@ -126,6 +128,36 @@ def test_val_split_without_val_fraction_says_how_to_get_one(tmp_path):
     write_modelnet40(tmp_path)
     with pytest.raises(ValueError, match=r"dataset.val_fraction=0: there is no validation split"):
         build_dataset(m40_cfg(tmp_path), "val")
+
+
+def write_three_classes(root: Path) -> Path:
+    """A ModelNet40-layout folder of another data set: 3 classes in shape_names.txt, 6 train / 3 test clouds."""
+    rng = np.random.default_rng(2)
+    splits = {s: (rng.uniform(-1, 1, (n, 64, 3)), np.arange(n) % 3) for s, n in (("train", 6), ("test", 3))}
+    write_m40_layout(root, splits, ["chair", "lamp", "mug"])
+    return root
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_class_count_comes_from_the_class_list_when_num_classes_is_null(tmp_path, split):
+    root = write_three_classes(tmp_path)
+    ds = build_dataset(m40_cfg(root, num_classes=None, val_fraction=0.34), split)
+    assert ds.num_classes == 3 and ds.class_names == ["chair", "lamp", "mug"]
+    assert build_dataset(m40_cfg(root, num_classes=3, val_fraction=0.34), split).num_classes == 3  # one that agrees
+
+
+@pytest.mark.parametrize("num_classes", [40, 2])
+def test_explicit_num_classes_that_disagrees_with_the_class_list_is_one_line_naming_both(tmp_path, num_classes):
+    root = write_three_classes(tmp_path)
+    with pytest.raises(DataError) as err:
+        build_dataset(m40_cfg(root, num_classes=num_classes), "train")
+    line = str(err.value)
+    assert "\n" not in line and f"dataset.num_classes={num_classes} " in line and "has 3 classes" in line
+    assert str(root / "shape_names.txt") in line and "set dataset.num_classes=3 or null" in line
+
+
+def test_scanobjectnn_class_count_comes_from_its_release_list(tmp_path):
+    assert build_dataset(sonn_cfg(write_scanobjectnn(tmp_path), num_classes=None), "test").num_classes == 15
 
 
 def test_scanobjectnn_reader_gives_xyz_plus_height(tmp_path):
