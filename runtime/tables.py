@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from atomic_io import atomic_write
+from runtime.metric_names import metrics_from_logged
 
 __all__ = [
     "Column", "Record", "Cell", "MAIN_COLUMNS", "QAT_COLUMNS", "figures_from_metrics", "figures_from_wandb",
@@ -58,20 +59,22 @@ def figures_from_metrics(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
-# What the training logs to W&B (tools/train_kd_qat.py, `final`) → the table's figure names.
-WANDB_SUMMARY_KEYS = {"test/oa_int8": "oa", "test/macc_int8": "macc", "test/size_mb_int8": "size_mb",
-                  "test/latency_ms_int8_batch_1": "ms_b1", "test/oa_fakequant": "fq_oa"}
+_RATIOS = ("delta_oa", "size_ratio", "speedup_b1", "speedup_bB")
 
 
 def figures_from_wandb(summary: dict[str, Any]) -> dict[str, float]:
-    """The figures a W&B run's summary holds; a whole metrics.json under `metrics` wins when logged."""
+    """The figures a W&B run's summary holds; a whole metrics.json under `metrics` wins when logged.
+
+    The summary's logged names are read back into metrics.json's layout by the one mapping
+    (`runtime/metric_names.py`), then handled as a metrics.json. Ratios need the FP32 reference:
+    without `test/oa_fp32` in the summary, none (a metrics.json without `fp32` is an FP32 run, its
+    own reference; a summary without it is only incomplete).
+    """
     if isinstance(summary.get("metrics"), dict):
         return figures_from_metrics(summary["metrics"])
-    out = {name: float(summary[key]) for key, name in WANDB_SUMMARY_KEYS.items()
-           if isinstance(summary.get(key), (int, float))}
-    if "oa" in out and isinstance(summary.get("test/oa_fp32"), (int, float)):
-        out["delta_oa"] = out["oa"] - float(summary["test/oa_fp32"])
-    return out
+    metrics = metrics_from_logged(summary)
+    figures = figures_from_metrics(metrics)
+    return figures if "fp32" in metrics else {k: v for k, v in figures.items() if k not in _RATIOS}
 
 
 @dataclass

@@ -21,6 +21,7 @@ ablate = load_tool("ablate")
 from runtime import pipeline
 from runtime.config import validate_config
 from runtime import tables
+from runtime.metric_names import logged_from_metrics
 from runtime.wandb_offline import find_offline_runs, read_offline_run
 
 MAIN_ROWS = ["fp32", "static", "qat", "kd_qat", "kd_qat_searched"]
@@ -298,10 +299,14 @@ run.finish()
 """
 
 
-def test_wandb_names_read_are_the_ones_the_training_logs():
-    from test_sweeps import logged_metric_names  # read from tools/train_kd_qat.py's source
+def test_wandb_summary_gives_the_figures_of_the_metrics_json_it_was_logged_from():
+    from test_sweeps import KD_QAT_METRICS  # a committed KD-QAT run
 
-    assert set(tables.WANDB_SUMMARY_KEYS) | {"test/oa_fp32"} <= logged_metric_names()
+    metrics = json.loads(KD_QAT_METRICS.read_text())
+    summary = {**logged_from_metrics(metrics, "test"), **logged_from_metrics(metrics, "val")}  # what the run logged
+    from_wandb, from_file = tables.figures_from_wandb(summary), tables.figures_from_metrics(metrics)
+    assert {"oa", "macc", "size_mb", "ms_b1", "ms_bB", "fq_oa", "delta_oa"} <= from_wandb.keys()
+    assert {k: from_file[k] for k in from_wandb} == pytest.approx(from_wandb)
 
 
 def test_wandb_offline_runs_fill_the_cells_their_run_dirs_lack(tmp_path):

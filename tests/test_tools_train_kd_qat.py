@@ -9,6 +9,7 @@ import torch
 
 import _tools as tools
 from _tools import ROOT, TINY, ConstantClass, assert_learned
+from runtime.metric_names import logged_from_metrics
 
 
 
@@ -39,6 +40,17 @@ def test_run_directory_holds_every_promised_file(finished_run):
     assert metrics["quantized_ops"]["float"] == 0
     assert metrics["size_mb"] < metrics["fp32"]["size_mb"]
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_final_log_records_are_metrics_json_under_the_logged_names(finished_run):
+    """log.jsonl (and W&B) get metrics.json's final figures renamed by runtime/metric_names.py, nothing else."""
+    _, run = finished_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    final = [r for r in records if "test/oa_int8" in r or "val/oa_int8" in r]
+    assert final == [logged_from_metrics(metrics, "test"), logged_from_metrics(metrics, "val")]
+    assert final[0]["test/oa_int8"] == metrics["oa"] and final[1]["val/oa_fp32"] == metrics["fp32"]["val"]["oa"]
 
 
 PROBE = (  # a fresh interpreter, cwd outside the repo, no PYTHONPATH: only torch and the artifact

@@ -29,6 +29,7 @@ from runtime.logger import RunLogger
 from runtime import pipeline
 from runtime.config import check_launch, check_overrides, pick_device, validate_config, wants_resume
 from runtime.exits import hydra_entry, main_guard
+from runtime.metric_names import logged_from_metrics
 from runtime.rundir import RunDirectory, remove_if_empty
 from runtime.report import print_results_table
 from runtime.workflow import quantize
@@ -91,18 +92,13 @@ def run(cfg: DictConfig) -> None:
         return
     metrics["teacher"] = metrics.get("teacher", {}) | source.to_dict()  # which teacher, by file and hash
     pipeline.write_json(run_dir / "metrics.json", metrics)
-    # val/*: what sweeps and model selection optimise; test/*: reported beside them, never chosen on
-    final = {"test/oa_int8": metrics["oa"], "test/macc_int8": metrics["macc"], "test/oa_fp32": metrics["fp32"]["oa"],
-             "test/oa_fakequant": metrics["fakequant"]["oa"], "test/size_mb_int8": metrics["size_mb"],
-             "test/latency_ms_int8_batch_1": metrics["latency_ms"]["batch_1"]}
-    # every measured batch size, so a sweep can trade accuracy against the latency it cares about
-    final.update({f"test/latency_ms_int8_{key}": ms for key, ms in metrics["latency_ms"].items()
-                  if key.startswith("batch_")})
+    # val/*: what sweeps and model selection optimise; test/*: reported beside them, never chosen on.
+    # Logged names (test/oa_int8, ...) ↔ metrics.json keys (oa, ...): runtime/metric_names.py
+    final = logged_from_metrics(metrics, "test")
     logger.log(final)
     logger.summary(final)
     if "val" in metrics:  # dataset.val_fraction > 0 (val/oa_fakequant: logged per epoch by the engine already)
-        validation = {"val/oa_int8": metrics["val"]["oa"], "val/macc_int8": metrics["val"]["macc"],
-                      "val/oa_fp32": metrics["fp32"]["val"]["oa"]}
+        validation = logged_from_metrics(metrics, "val")
         logger.log(validation)
         logger.summary(validation)
     logger.finish()
