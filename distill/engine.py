@@ -322,7 +322,8 @@ class Engine:
                     raise NonFiniteLossError(
                         f"non-finite loss ({out['loss'].item()} on rank {D.rank()}) at epoch {epoch} step {batch_idx} "
                         f"(update {self.step + 1}); the last complete checkpoint ({self.checkpoint_path}) is kept; "
-                        "lower optim.lr, set optim.max_grad_norm, or set train.nonfinite=skip"
+                        "lower the lr (teacher.lr, or optim.lr for the student), set optim.max_grad_norm, "
+                        "or set train.nonfinite=skip"
                     )
                 skipped += 1
                 continue
@@ -350,7 +351,8 @@ class Engine:
         if batches and skipped == batches:
             raise NonFiniteLossError(f"every one of the {batches} batches of epoch {epoch} gave a non-finite loss "
                                      f"(train.nonfinite=skip); the last complete checkpoint ({self.checkpoint_path}) "
-                                     "is kept; lower optim.lr or check the data")
+                                     "is kept; lower the lr (teacher.lr, or optim.lr for the student) or check "
+                                     "the data")
         # Each rank saw its own shard: BN statistics and the epoch's loss sums are averaged over ranks.
         D.average_bn_stats(_unwrap(self.student))
         *totals, seen = D.sum_across_ranks([*sums.values(), float(seen)])

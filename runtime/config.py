@@ -35,6 +35,8 @@ _RANGES: dict[str, tuple[bool, float, float, bool, bool]] = {
     "seed": (True, 0, 2**32 - 1, False, False),  # seed + epoch etc. feed 64-bit generator seeds
     "train.epochs": (True, 0, math.inf, False, False),
     "teacher.epochs": (True, 0, math.inf, False, False),
+    "teacher.lr": (False, 0, math.inf, True, False),
+    "teacher.warmup_epochs": (False, 0, math.inf, False, False),
     "train.batch_size": (True, 1, math.inf, False, False),
     "train.eval_batch_size": (True, 1, math.inf, False, False),
     "train.num_workers": (True, 0, math.inf, False, False),

@@ -126,13 +126,15 @@ def make_optimizer(model: nn.Module, cfg: DictConfig, lr: float) -> torch.optim.
                                filter_bias_and_bn=True)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, epochs: int, steps_per_epoch: int) -> Any:
-    """timm cosine schedule with warm-up, stepped once per update."""
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: DictConfig, epochs: int, steps_per_epoch: int, warmup_epochs: float
+) -> Any:
+    """timm cosine schedule with `warmup_epochs` of linear warm-up, stepped once per update."""
     total = max(1, epochs * steps_per_epoch)
     lr = optimizer.param_groups[0]["lr"]
     return CosineLRScheduler(
         optimizer, t_initial=total, lr_min=lr * cfg.sched.min_lr_ratio,
-        warmup_t=int(cfg.sched.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * cfg.sched.warmup_lr_ratio,
+        warmup_t=int(warmup_epochs * steps_per_epoch), warmup_lr_init=lr * cfg.sched.warmup_lr_ratio,
         t_in_epochs=False,
     )
 
@@ -150,6 +152,7 @@ def run_engine(
     *,
     epochs: int,
     lr: float,
+    warmup_epochs: float,
     phase: str,
     run_dir: Path,
     logger: RunLogger,
@@ -179,7 +182,7 @@ def run_engine(
         student=trained,
         loss_fn=DistillationLoss(alpha, cfg.distill.temperature, cfg.distill.label_smoothing),
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, cfg, epochs, len(d.train_loader)),
+        scheduler=make_scheduler(optimizer, cfg, epochs, len(d.train_loader), warmup_epochs),
         train_loader=d.train_loader,
         val_loader=d.val_loader,
         teacher=teacher,
@@ -231,7 +234,7 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
     keyed = {
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "teacher": {k: cfg.teacher[k] for k in ("model", "width", "epochs")},
+        "teacher": {k: cfg.teacher[k] for k in ("model", "width", "epochs", "lr", "warmup_epochs")},
         # the student's lr scale does not touch the teacher: a sweep over it reuses one teacher
         "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "qat_lr_scale"},
         "sched": OmegaConf.to_container(cfg.sched, resolve=True),
@@ -325,7 +328,8 @@ def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger,
     logger.console(f"training the FP32 teacher for {cfg.teacher.epochs} epochs (cached for later runs)")
     seed_everything(cfg.seed)
     model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d).to(device)
-    engine = run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.optim.lr, phase="teacher", run_dir=run_dir,
+    engine = run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.teacher.lr,
+                        warmup_epochs=cfg.teacher.warmup_epochs, phase="teacher", run_dir=run_dir,
                         logger=logger, device=device, tag="fp32")
     model = model.cpu()
     degenerate = teacher_degeneracy(engine, d.num_classes)

@@ -85,7 +85,8 @@ def quantize(
     frozen = FrozenTeacher(copy.deepcopy(teacher).to(device)) if alpha > 0 else None
     hooks = (schedule, ObserverSync()) if distributed.world_size() > 1 else (schedule,)
     engine = pipeline.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
-                          phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
+                                 warmup_epochs=cfg.sched.warmup_epochs,
+                                 phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
                           alpha=alpha, hooks=hooks, tag="fakequant")
     sync_observers(prepared)  # after the last step already; again here, so conversion never depends on it
     distributed.check_ranks_agree(prepared, "prepared student")

@@ -27,7 +27,7 @@ TINY_STEPS_PER_EPOCH = TINY_CLASSES * (TINY_TRAIN_PER_CLASS - TINY_VAL_PER_CLASS
 TINY_TEST_PER_CLASS = 10
 TINY_DATA = [f"dataset.num_classes={TINY_CLASSES}", f"dataset.train_per_class={TINY_TRAIN_PER_CLASS}",
              f"dataset.test_per_class={TINY_TEST_PER_CLASS}", "dataset.num_points=64", "train.num_workers=0"]
-TINY_TRAIN = ["model.width=8", "teacher.epochs=10", "optim.lr=0.003", "train.epochs=2",
+TINY_TRAIN = ["model.width=8", "teacher.epochs=10", "teacher.lr=0.003", "teacher.warmup_epochs=0", "optim.lr=0.003", "train.epochs=2",
               f"train.batch_size={TINY_BATCH}", "train.eval_batch_size=16", "bench.repeats=1"]
 TINY = TINY_DATA + TINY_TRAIN
 # A learned model: at least this test OA (percent); chance is 100 / TINY_CLASSES = 25 %.

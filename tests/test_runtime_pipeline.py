@@ -55,6 +55,42 @@ def test_teacher_cache_key_depends_on_the_code_that_trains_it(monkeypatch, tmp_p
     assert current == stamp_of(ROOT)
 
 
+def test_teacher_cache_key_follows_the_teacher_recipe_not_the_students_lr_scale():
+    base = pipeline._teacher_cache_key(config())
+    assert pipeline._teacher_cache_key(config("teacher.lr=0.001")) != base
+    assert pipeline._teacher_cache_key(config("teacher.warmup_epochs=0")) != base
+    assert pipeline._teacher_cache_key(config("optim.qat_lr_scale=0.5")) == base  # a student sweep shares one teacher
+
+
+def test_teacher_trains_with_its_own_recipe_not_the_students(monkeypatch, tmp_path):
+    calls = {}
+
+    def record(model, cfg, d, **kwargs):
+        calls[kwargs["phase"]] = (kwargs["lr"], kwargs["warmup_epochs"])
+        raise StopIteration  # the recipe is all this test needs
+
+    monkeypatch.setattr(pipeline, "run_engine", record)
+    cfg = config("teacher.lr=0.004", "teacher.warmup_epochs=2", "optim.lr=0.002", "optim.qat_lr_scale=0.5",
+                 "sched.warmup_epochs=0.5", f"cache_dir={tmp_path}")
+    d = SimpleNamespace(num_classes=4, in_channels=3)
+    with pytest.raises(StopIteration):
+        pipeline.obtain_teacher(cfg, d, tmp_path / "run", Console(), torch.device("cpu"))
+    assert calls["teacher"] == (0.004, 2)
+
+
+def test_scheduler_warms_up_linearly_over_the_given_epochs():
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.01)
+    scheduler = pipeline.make_scheduler(optimizer, config("sched.warmup_lr_ratio=0.1"), epochs=4, steps_per_epoch=10,
+                                        warmup_epochs=1)
+    lrs = []
+    for step in range(41):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.001) and lrs[5] == pytest.approx(0.0055)  # linear from lr * ratio ...
+    # ... for 10 steps, then timm's cosine, which spans the whole run (warm-up included), downwards
+    assert max(lrs) == lrs[9] and all(a > b for a, b in zip(lrs[9:], lrs[10:]))
+
+
 @pytest.mark.parametrize("recorded, reused", [("current", True), ("other", False), (None, False)])
 def test_run_directory_teacher_is_reused_only_when_its_recorded_key_matches(monkeypatch, tmp_path, recorded, reused):
     cfg = config(f"cache_dir={tmp_path / 'cache'}")
@@ -119,8 +155,8 @@ def test_student_epoch_draws_another_order_and_augmentation_than_the_teacher_epo
     monkeypatch.setattr(pipeline, "Engine", Recorder)
     d = SimpleNamespace(train_loader=[None] * 4, val_loader=None, num_classes=4)
     for phase in ("teacher", "student"):
-        pipeline.run_engine(nn.Linear(2, 2), config(), d, epochs=1, lr=1e-3, phase=phase, run_dir=Path("/nonexistent"),
-                            logger=Console(), device=torch.device("cpu"))
+        pipeline.run_engine(nn.Linear(2, 2), config(), d, epochs=1, lr=1e-3, warmup_epochs=0, phase=phase,
+                            run_dir=Path("/nonexistent"), logger=Console(), device=torch.device("cpu"))
 
     def epoch_batches(seed, epoch):
         loader = build_loader(Keys(), 8, shuffle=True, seed=0)

@@ -235,7 +235,8 @@ def test_kd_table_is_the_alpha_by_temperature_grid_with_a_heat_map(tmp_path):
     runs = ablate.runs_in_order(rows, "quick")
     assert len(rows) == 20 and len(runs) == 17  # α = 0 ignores T: one run serves its four cells
     for run in runs:
-        alpha, temperature = (float(x.split("=")[1]) for x in run.extra)
+        alpha, temperature = (float(x.split("=")[1]) for x in run.extra[:2])
+        assert run.extra[2:] == ("qat.weight_bits=4", "qat.activation_bits=4")  # the table's bit width
         for seed in (0, 1):
             write_run(tmp_path, run.name, seed, fake_metrics(seed, oa=50 + 10 * alpha + temperature + seed), table="kd")
     markdown, table = build(tmp_path, "table=kd", "seeds=[0,1]")
@@ -243,6 +244,7 @@ def test_kd_table_is_the_alpha_by_temperature_grid_with_a_heat_map(tmp_path):
     assert md_row(markdown, "0.0")[1:] == ["51.50 ± 0.71"] * 4  # the T = 1 run in every column
     assert table["α=0.75, T=8.0"]["distill.alpha"] == "0.75" and float(table["α=0.75, T=8.0"]["oa_mean"]) == 66.0
     assert (tmp_path / "kd" / "quick_heatmap.png").stat().st_size > 5000
+    assert markdown.splitlines()[0].endswith("seeds [0, 1], qat.weight_bits=4, qat.activation_bits=4")
 
 
 def test_unknown_table_row_or_profile_is_a_one_line_error(tmp_path):
@@ -264,7 +266,8 @@ def test_every_row_preset_composes_with_both_profiles(tmp_path):
     """Each row's preset exists and composes with the tool it runs in, after quick and full."""
     runs = {}
     for table in ("main", "kd", "schedule", "qconfig"):
-        for run in ablate.runs_in_order(ablate.table_rows(ablate_cfg(tmp_path, f"table={table}")), "quick"):
+        cfg = ablate_cfg(tmp_path, f"table={table}")
+        for run in ablate.runs_in_order(ablate.table_rows(cfg), "quick", shared=ablate.table_overrides(cfg)):
             runs.setdefault((run.tool, run.experiment), run)  # the kd grid: one preset, many cells
     assert len(runs) == 6 + 1 + 6 + 4  # main (its search too), kd, schedule, qconfig (sharing main's search)
     for run in runs.values():
@@ -280,7 +283,7 @@ def test_every_row_preset_composes_with_both_profiles(tmp_path):
                 assert composed.dataset.name == "modelnet40" and composed.model.width == 32
                 assert composed.qat.freeze_observer_epoch == 15 and composed.train.epochs == 20
             if experiment == "qconfig_per_tensor":
-                assert composed.qat.weight == "per_tensor"
+                assert composed.qat.weight == "per_tensor" and composed.qat.weight_bits == 4  # its group and the width
 
 
 # ---- W&B offline runs as a source ---------------------------------------------------------------------------
@@ -477,3 +480,14 @@ def test_paired_delta_gives_no_interval_below_three_seeds():
     delta = tables.paired_delta([51.25, 54.0], [50.0, 52.75])
     assert delta.n == 2 and delta.low is None and not delta.significant
     assert tables.format_delta(delta) == "+1.25 (n=2)"
+
+
+@pytest.mark.parametrize("table", ["kd", "schedule", "qconfig"])
+def test_method_tables_run_every_run_and_their_search_at_the_separating_bit_width(tmp_path, table):
+    cfg = ablate_cfg(tmp_path, f"table={table}")
+    runs = ablate.runs_in_order(ablate.table_rows(cfg), "quick", ablate.search_preset(cfg), ablate.table_overrides(cfg))
+    assert runs and all({"qat.weight_bits=4", "qat.activation_bits=4"} <= set(ablate.run_overrides(cfg, run, 0))
+                        for run in runs)
+    bits = ablate_cfg(tmp_path, "table=bits")  # negative control: the bits table sets the width per row
+    assert ablate.table_overrides(bits) == ()
+    assert {o for r in ablate.table_rows(bits) for o in r.run.extra} >= {"qat=w8a8", "qat=w4a4"}

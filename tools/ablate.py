@@ -73,6 +73,7 @@ def table_rows(cfg: DictConfig) -> list[Row]:
     if cfg.table not in cfg.tables:
         raise AblateError(f"table={cfg.table}: use one of {', '.join(cfg.tables)}")
     spec = cfg.tables[cfg.table]
+    shared = table_overrides(cfg)
     if "grid" in spec:
         (row_key, row_values), (col_key, col_values) = spec.grid.items()
         rows = []
@@ -81,10 +82,11 @@ def table_rows(cfg: DictConfig) -> list[Row]:
                 # no KD term at α = 0: T changes nothing, so one run (the first T) serves the whole row
                 run_t = col_values[0] if row_key == "distill.alpha" and float(a) == 0.0 else t
                 rows.append(Row(f"α={a}, T={t}", Run(f"alpha{a}_T{run_t}", spec.experiment,
-                                                     extra=(f"{row_key}={a}", f"{col_key}={run_t}")), (a, t)))
+                                                     extra=(f"{row_key}={a}", f"{col_key}={run_t}", *shared)), (a, t)))
     else:
-        rows = [Row(r.label, Run(r.name, r.experiment, r.get("tool", "train_kd_qat.py"), tuple(r.get("overrides") or ()),
-                                 search=bool(r.get("search"))), compare=r.get("compare"))
+        rows = [Row(r.label, Run(r.name, r.experiment, r.get("tool", "train_kd_qat.py"),
+                                 (*(r.get("overrides") or ()), *shared), search=bool(r.get("search"))),
+                    compare=r.get("compare"))
                 for r in spec.rows]
         names = {r.run.name for r in rows}
         for row in rows:
@@ -100,12 +102,17 @@ def table_rows(cfg: DictConfig) -> list[Row]:
     return rows
 
 
-def runs_in_order(rows: list[Row], profile: str, search: str = "search") -> list[Run]:
+def table_overrides(cfg: DictConfig) -> tuple[str, ...]:
+    """The table's own settings for every run of it (its search included), e.g. the bit width it is run at."""
+    return tuple(cfg.tables[cfg.table].get("overrides") or ())
+
+
+def runs_in_order(rows: list[Row], profile: str, search: str = "search", shared: tuple[str, ...] = ()) -> list[Run]:
     """Distinct runs, a qconfig search (preset `<search>_<profile>`) before the first row that needs it."""
     runs: list[Run] = []
     for row in rows:
         if row.run.search and all(r.name != SEARCH for r in runs):
-            runs.append(Run(SEARCH, f"{search}_{profile}", "search_qconfig.py"))
+            runs.append(Run(SEARCH, f"{search}_{profile}", "search_qconfig.py", shared))
         if row.run not in runs:
             runs.append(row.run)
     return runs
@@ -321,7 +328,8 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
     everything = [r for _, rs in by_row for r in rs]
     batch = _stated(everything, "eval_batch")
     name = cfg.profile
-    parts = [f"# Table `{cfg.table}`, profile `{cfg.profile}`, seeds {list(cfg.seeds)}\n"]
+    shared = "".join(f", {o}" for o in table_overrides(cfg))  # e.g. the bit width every run of the table used
+    parts = [f"# Table `{cfg.table}`, profile `{cfg.profile}`, seeds {list(cfg.seeds)}{shared}\n"]
     extra = None
     if "grid" in spec:
         (row_key, row_values), (col_key, col_values) = spec.grid.items()
@@ -361,7 +369,7 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
     if problems:
         parts += ["\nMissing or failed runs (not in any mean):\n", *dict.fromkeys(problems)]
     seconds = [(tables.read_json(run_dir(cfg, run, s) / tables.STATUS_FILE) or {}).get("seconds")
-               for run in runs_in_order(rows, cfg.profile, search_preset(cfg)) for s in cfg.seeds]
+               for run in runs_in_order(rows, cfg.profile, search_preset(cfg), table_overrides(cfg)) for s in cfg.seeds]
     if any(seconds):
         parts.append(f"\nWall clock of the runs launched by tools/ablate.py (from their {tables.STATUS_FILE}): "
                      f"{sum(x for x in seconds if x) / 60:.1f} min over {sum(1 for x in seconds if x)} runs.\n")
@@ -385,7 +393,7 @@ def run(cfg: DictConfig) -> None:
     if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
         raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
     if not cfg.collect_only:
-        run_all(cfg, runs_in_order(rows, cfg.profile, search_preset(cfg)))
+        run_all(cfg, runs_in_order(rows, cfg.profile, search_preset(cfg), table_overrides(cfg)))
     path = write_outputs(cfg, rows, collect(cfg, rows))
     print(path.read_text())
     print(f"tables and figures: {path.parent}")
