@@ -119,3 +119,12 @@ if _C is not None:
     @torch.library.register_fake("kdqat_C::ball_query")
     def _ball_query_fake(support_xyz: Tensor, query_xyz: Tensor, radius: float, nsample: int) -> Tensor:
         return query_xyz.new_empty((query_xyz.shape[0], query_xyz.shape[1], nsample), dtype=torch.long)
+
+    @torch.library.register_fake("kdqat_C::group_points_quantized")
+    def _group_points_quantized_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
+                                     normalize_dp: bool, scale: float, zero_point: int) -> Tensor:
+        # Its output is quint8, and torch's fake / meta tensors have no quantized dtypes (fake
+        # `quantize_per_tensor` even returns float32), so no shape-only version can be honest.
+        raise NotImplementedError("kdqat_C::group_points_quantized returns a quint8 tensor, which torch.export / "
+                                  "torch.compile cannot trace; run the FX int8 model eagerly or as TorchScript "
+                                  "(PT2E exports keep float grouping and never call it)")

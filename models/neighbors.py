@@ -5,9 +5,9 @@ kernels that OpenPoints compiles (`openpoints/cpp/pointnet2_batch`), so that mod
 with OpenPoints on a GPU give the same neighbourhoods here, on CPU or CUDA. The pure-PyTorch
 functions below are the reference and the fallback; when the optional extension `models._C`
 is built, eager FPS and ball query on CPU call its C++ loops instead (identical indices, much
-faster: `models/_kernels.py` says when, `models/csrc/neighbors.cpp` how). Grouping stays a
-torch `index_select`: it measured within 1-2x of a plain copy of its own output, the floor any
-compiled gather could reach, so a compiled one was not worth a second implementation.
+faster: `models/_kernels.py` says when, `models/csrc/neighbors.cpp` how). So does the int8
+grouping (`_dp_fj_quantized`), which in torch ops moves the grouped tensor three times (gather,
+`cat`, the copy into a quantized tensor) and compiled writes each byte once, bit-identical.
 
 These functions contain data-dependent Python (loops, shape arithmetic), so they must never be
 traced op by op: `models/pointnext.py` declares the composite ops below (`sample_and_group`,
@@ -471,12 +471,28 @@ def _dp_fj_quantized(
     scale: Tensor,
     zero_point: Tensor,
 ) -> Tensor:
+    """`quantize_per_tensor(_dp_fj(...))` bit for bit, quint8 (B, 3 + C, M, K) channels-last in memory.
+
+    The features (B, N, C) are quantized once per point, then gathered as bytes. On CPU the
+    compiled op (`models._kernels`) writes each grouped byte once, quantizing dp on the way;
+    the reference below moves the grouped tensor three times (gather, `cat`, the copy into a
+    quantized tensor) and serves elsewhere and as the specification.
+    """
     with torch.autograd.profiler.record_function("neighbors::group"):
+        feats_q = torch.quantize_per_tensor(points_feats, scale, zero_point, torch.quint8).int_repr()  # (B, N, C)
+        if torch.jit.is_scripting():  # a compile-time constant, as is the flag: see `_kernels.script`
+            if _kernels.SCRIPT_KERNELS:
+                return torch.ops.kdqat_C.group_points_quantized(
+                    support_xyz, query_xyz, feats_q, idx, float(radius), normalize_dp, float(scale), int(zero_point)
+                ).permute(0, 3, 1, 2)
+        elif _kernels.use_kernels(support_xyz, query_xyz) and support_xyz.dtype == torch.float32:
+            return torch.ops.kdqat_C.group_points_quantized(
+                support_xyz, query_xyz, feats_q, idx, float(radius), normalize_dp, float(scale), int(zero_point)
+            ).permute(0, 3, 1, 2)
         dp = gather_points(support_xyz, idx) - query_xyz.unsqueeze(2)  # (B, M, K, 3)
         if normalize_dp:
             dp = dp / radius
         # Concatenated as raw uint8: `cat` of quantized tensors dequantizes and requantizes.
-        feats_q = torch.quantize_per_tensor(points_feats, scale, zero_point, torch.quint8).int_repr()  # (B, N, C)
         dp_q = torch.quantize_per_tensor(dp, scale, zero_point, torch.quint8).int_repr()
         grouped = torch.cat([dp_q, gather_points(feats_q, idx)], dim=3)  # (B, M, K, 3 + C) uint8
         return torch._make_per_tensor_quantized_tensor(grouped, float(scale), int(zero_point)).permute(0, 3, 1, 2)
