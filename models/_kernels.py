@@ -120,6 +120,11 @@ if _C is not None:
     def _ball_query_fake(support_xyz: Tensor, query_xyz: Tensor, radius: float, nsample: int) -> Tensor:
         return query_xyz.new_empty((query_xyz.shape[0], query_xyz.shape[1], nsample), dtype=torch.long)
 
+    @torch.library.register_fake("kdqat_C::group_points")
+    def _group_points_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
+                           normalize_dp: bool) -> Tensor:
+        return feats.new_empty((idx.shape[0], idx.shape[1], idx.shape[2], 3 + feats.shape[2]))
+
     @torch.library.register_fake("kdqat_C::group_points_quantized")
     def _group_points_quantized_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
                                      normalize_dp: bool, scale: float, zero_point: int) -> Tensor:

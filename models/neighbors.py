@@ -7,7 +7,8 @@ functions below are the reference and the fallback; when the optional extension 
 is built, eager FPS and ball query on CPU call its C++ loops instead (identical indices, much
 faster: `models/_kernels.py` says when, `models/csrc/neighbors.cpp` how). So does the int8
 grouping (`_dp_fj_quantized`), which in torch ops moves the grouped tensor three times (gather,
-`cat`, the copy into a quantized tensor) and compiled writes each byte once, bit-identical.
+`cat`, the copy into a quantized tensor) and compiled writes each byte once, bit-identical, and
+the float grouping (`_dp_fj`) in inference; training keeps torch's differentiable gather.
 
 These functions contain data-dependent Python (loops, shape arithmetic), so they must never be
 traced op by op: `models/pointnext.py` declares the composite ops below (`sample_and_group`,
@@ -408,8 +409,22 @@ def _dp_fj(
 
     Built points-major, (B, M, K, 3 + C), and returned as a channels-last view: whole rows are
     copied, and fbgemm's quantized convolutions want channels-last input (they would copy).
+    In inference on CPU (no input needs a gradient) the compiled op builds the same tensor in
+    one pass; training keeps these differentiable torch ops.
     """
     with torch.autograd.profiler.record_function("neighbors::group"):
+        if torch.jit.is_scripting():  # a compile-time constant, as is the flag: see `_kernels.script`
+            if _kernels.SCRIPT_KERNELS:
+                if not _needs_grad(query_xyz, support_xyz, points_feats):
+                    return torch.ops.kdqat_C.group_points(
+                        support_xyz, query_xyz, points_feats, idx, float(radius), normalize_dp
+                    ).permute(0, 3, 1, 2)
+        elif _kernels.use_kernels(support_xyz, query_xyz, points_feats) and not _needs_grad(
+            query_xyz, support_xyz, points_feats
+        ):
+            return torch.ops.kdqat_C.group_points(
+                support_xyz, query_xyz, points_feats, idx, float(radius), normalize_dp
+            ).permute(0, 3, 1, 2)
         table = torch.cat([support_xyz, points_feats], dim=2)  # (B, N, 3 + C)
         grouped = gather_points(table, idx)  # (B, M, K, 3 + C)
         dp = grouped[..., :3]
@@ -417,6 +432,11 @@ def _dp_fj(
         if normalize_dp:
             dp.div_(radius)
         return grouped.permute(0, 3, 1, 2)
+
+
+def _needs_grad(a: Tensor, b: Tensor, c: Tensor) -> bool:
+    """Whether autograd would record an op on these tensors (the compiled grouping has no backward)."""
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or c.requires_grad)
 
 
 def sample_and_group_quantized(

@@ -162,6 +162,8 @@ def test_fake_kernels_pass_opcheck():
     xyz = torch.rand(2, 40, 3, generator=gen)
     torch.library.opcheck(torch.ops.kdqat_C.furthest_point_sample, (xyz, 10))
     torch.library.opcheck(torch.ops.kdqat_C.ball_query, (xyz, xyz[:, :10], 0.3, 8))
+    idx = torch.ops.kdqat_C.ball_query(xyz, xyz[:, :10], 0.3, 8)
+    torch.library.opcheck(torch.ops.kdqat_C.group_points, (xyz, xyz[:, :10], torch.rand(2, 40, 6), idx, 0.3, True))
 
 
 @needs_kernels
@@ -189,6 +191,43 @@ def test_scripting_chooses_the_ops_per_call_and_leaves_default_scripts_portable(
     assert torch.equal(with_kernels(xyz, 16), portable(xyz, 16))
 
 
+
+
+# ---- float grouping: the compiled op serves inference only, training keeps torch's autograd ----
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize_dp", [False, True])
+def test_grouping_matches_reference_in_inference(dtype, normalize_dp):
+    gen = torch.Generator().manual_seed(14)
+    xyz, feats = torch.rand(3, 200, 3, generator=gen, dtype=dtype), torch.randn(3, 7, 200, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        compiled, pure = compiled_and_pure(N.local_group, xyz, feats, 0.15, 16, normalize_dp)
+        assert torch.equal(compiled, pure) and compiled.stride() == pure.stride()
+        sparse = compiled_and_pure(N.sample_and_group, xyz, feats, 4, 0.05, 32, normalize_dp)  # padded balls
+    assert all(torch.equal(c, p) and c.stride() == p.stride() for c, p in zip(*sparse))
+
+
+@needs_kernels
+def test_grouping_keeps_differentiable_torch_ops_when_a_gradient_is_needed():
+    gen = torch.Generator().manual_seed(15)
+    xyz, feats = torch.rand(2, 64, 3, generator=gen), torch.randn(2, 4, 64, generator=gen).requires_grad_()
+    (grad,) = torch.autograd.grad(N.local_group(xyz, feats, 0.3, 8, True).square().sum(), feats)
+    with _kernels.pure_torch():
+        (expected,) = torch.autograd.grad(N.local_group(xyz, feats, 0.3, 8, True).square().sum(), feats)
+    assert torch.equal(grad, expected)
+
+
+@needs_kernels
+def test_scripted_grouping_calls_the_compiled_op_only_with_kernels_and_without_gradients():
+    gen = torch.Generator().manual_seed(17)
+    xyz, feats = torch.rand(2, 64, 3, generator=gen), torch.randn(2, 5, 64, generator=gen)
+    portable = torch.jit.script(N.local_group)
+    with_kernels = _kernels.script(N.local_group, kernels=True)
+    assert "kdqat_C::group_points" in str(with_kernels.inlined_graph)
+    assert "kdqat_C" not in str(portable.inlined_graph)
+    with torch.no_grad():
+        assert torch.equal(with_kernels(xyz, feats, 0.3, 16, True), portable(xyz, feats, 0.3, 16, True))
+    assert with_kernels(xyz, feats.requires_grad_(), 0.3, 16, True).grad_fn is not None
 
 # ---- int8 grouping: the compiled gather writes what quantize_per_tensor(dp_fj) would, byte for byte ----
 def assert_quantized_identical(compiled: torch.Tensor, pure: torch.Tensor) -> None:

@@ -288,6 +288,21 @@ void group_all_rows(const at::Tensor& support_xyz, const at::Tensor& query_xyz, 
   });
 }
 
+// Float grouping, for inference only (no autograd): see `_dp_fj` in models/neighbors.py.
+at::Tensor group_points(const at::Tensor& support_xyz, const at::Tensor& query_xyz, const at::Tensor& feats,
+                        const at::Tensor& idx, double radius, bool normalize_dp) {
+  TORCH_CHECK(support_xyz.scalar_type() == query_xyz.scalar_type() && feats.scalar_type() == query_xyz.scalar_type(),
+              "group_points: support_xyz, query_xyz and feats must share one dtype, got ", support_xyz.scalar_type(),
+              ", ", query_xyz.scalar_type(), ", ", feats.scalar_type());
+  const auto [batch, num_support, num_query, nsample, channels] = group_sizes(support_xyz, query_xyz, feats, idx);
+  at::Tensor out = at::empty({batch, num_query, nsample, 3 + channels}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "group_points", [&] {
+    group_all_rows<scalar_t, scalar_t>(support_xyz, query_xyz, feats, idx, normalize_dp, radius,
+                                       [](scalar_t d) { return d; }, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 // int8 grouping: see `_dp_fj_quantized` in models/neighbors.py, which this replaces bit for bit.
 at::Tensor group_points_quantized(const at::Tensor& support_xyz, const at::Tensor& query_xyz, const at::Tensor& feats,
                                   const at::Tensor& idx, double radius, bool normalize_dp, double scale,
@@ -313,6 +328,8 @@ at::Tensor group_points_quantized(const at::Tensor& support_xyz, const at::Tenso
 TORCH_LIBRARY(kdqat_C, m) {
   m.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor");
   m.def("ball_query(Tensor support_xyz, Tensor query_xyz, float radius, int nsample) -> Tensor");
+  m.def("group_points(Tensor support_xyz, Tensor query_xyz, Tensor feats, Tensor idx, float radius, "
+        "bool normalize_dp) -> Tensor");
   m.def("group_points_quantized(Tensor support_xyz, Tensor query_xyz, Tensor feats, Tensor idx, float radius, "
         "bool normalize_dp, float scale, int zero_point) -> Tensor");
 }
@@ -320,6 +337,7 @@ TORCH_LIBRARY(kdqat_C, m) {
 TORCH_LIBRARY_IMPL(kdqat_C, CPU, m) {
   m.impl("furthest_point_sample", &kdqat::furthest_point_sample);
   m.impl("ball_query", &kdqat::ball_query);
+  m.impl("group_points", &kdqat::group_points);
   m.impl("group_points_quantized", &kdqat::group_points_quantized);
 }
 
