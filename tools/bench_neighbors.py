@@ -6,9 +6,10 @@
 Each row times the two implementations interleaved (one call of each per round, so load
 changes on a shared machine hit both alike) and prints the medians and their ratio: FPS
 1024 → 512 and the first set abstraction's ball query (1024 points, 512 centres, radius 0.15,
-32 neighbours) at batch 1 and 32; PointNeXt-S (width 32) int8 TorchScript end to end, exported
-portable and with kernels (random weights, calibrated on two clouds); and, for the decision
-not to compile the grouping gather, torch's row gather against a plain copy of its output,
+32 neighbours) at batch 1 and 32; the same set abstraction's int8 grouping (3 + 32 channels,
+`_dp_fj_quantized`: torch's gather, cat and copy vs the compiled op that writes each byte once);
+PointNeXt-S (width 32) int8 TorchScript end to end, exported portable and with kernels (random
+weights, calibrated on two clouds); and torch's row gather against a plain copy of its output,
 the floor any gather could reach.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from models import _kernels, create_model
 from models import neighbors
 from runtime.measure import random_clouds, time_interleaved, torch_threads
 
-RADIUS, NSAMPLE, POINTS = 0.15, 32, 1024  # PointNeXt-S's first set abstraction on ModelNet40
+RADIUS, NSAMPLE, POINTS, CHANNELS = 0.15, 32, 1024, 32  # PointNeXt-S's first set abstraction on ModelNet40
 
 
 def pure(fn: Callable[[], object]) -> Callable[[], object]:
@@ -48,6 +49,24 @@ def neighbour_rows(batch_sizes: list[int], gen: torch.Generator) -> list[tuple[s
 
         rows += [(f"fps {POINTS}->{POINTS // 2}, B={batch}", pure(fps), fps),
                  (f"ball_query {POINTS}x{POINTS // 2} K={NSAMPLE}, B={batch}", pure(ball), ball)]
+    return rows
+
+
+def grouping_rows(batch_sizes: list[int], gen: torch.Generator) -> list[tuple[str, Callable, Callable]]:
+    """(label, pure-PyTorch call, compiled call) for the first set abstraction's int8 grouping."""
+    rows = []
+    for batch in batch_sizes:
+        xyz, _ = random_clouds(batch, POINTS, 3, gen)
+        centres = neighbors.gather_points(xyz, neighbors.furthest_point_sample(xyz, POINTS // 2))
+        idx = neighbors.ball_query(RADIUS, NSAMPLE, xyz, centres)
+        feats = torch.randn(batch, POINTS, CHANNELS, generator=gen)  # (B, N, C), as the leaf passes them
+
+        def group(xyz: torch.Tensor = xyz, centres: torch.Tensor = centres, feats: torch.Tensor = feats,
+                  idx: torch.Tensor = idx) -> torch.Tensor:
+            return neighbors._dp_fj_quantized(centres, xyz, feats, idx, RADIUS, False, torch.tensor(0.02),
+                                              torch.tensor(128))
+
+        rows.append((f"int8 grouping {POINTS // 2}x{NSAMPLE}x(3+{CHANNELS}), B={batch}", pure(group), group))
     return rows
 
 
@@ -95,7 +114,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved rounds (ms)")
     print(f"{'':46} {'pure/torch':>10} {'compiled':>10} {'speed-up':>9}")
     with torch_threads(args.threads), torch.no_grad():
-        rows = neighbour_rows(args.batch, gen) + ([] if args.no_model else int8_rows(args.batch, gen))
+        rows = neighbour_rows(args.batch, gen) + grouping_rows(args.batch, gen)
+        rows += [] if args.no_model else int8_rows(args.batch, gen)
         for label, slow, fast in rows + gather_rows(args.batch, gen):
             times = time_interleaved({"slow": slow, "fast": fast}, args.repeats, warmup=3)
             slow_ms, fast_ms = times["slow"]["median"], times["fast"]["median"]
