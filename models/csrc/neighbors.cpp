@@ -25,6 +25,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -237,6 +238,21 @@ inline uint8_t quantize_uint8(float x, float inv_scale, float zero_point) {
   return q >= 255.0f ? uint8_t{255} : (q > 0.0f ? static_cast<uint8_t>(q) : uint8_t{0});
 }
 
+// memcpy of a short row (tens of bytes) in fixed 16-byte pieces, which the compiler inlines as
+// vector moves; a memcpy of runtime length is a library call per row (int8 op at B=32, 1 thread:
+// 13.1 ms with it, 8.5 ms with this; a plain copy of the output takes 7.4).
+inline void copy_bytes(const void* src, int64_t size, void* dst) {
+  const char* from = static_cast<const char*>(src);
+  char* to = static_cast<char*>(dst);
+  int64_t i = 0;
+  for (; i + 16 <= size; i += 16) {
+    std::memcpy(to + i, from + i, 16);
+  }
+  for (; i < size; ++i) {
+    to[i] = from[i];
+  }
+}
+
 // One centre's neighbourhood as K rows of (3 + C) values: dp = (neighbour − centre), divided by
 // the radius when asked (`dp_fn` then turns it into the output type), then the neighbour's C
 // feature values copied whole. Each output value is written once.
@@ -257,7 +273,7 @@ void group_one(const scalar_t* support, const scalar_t* centre, const out_t* fea
       }
       row[c] = dp_fn(d);
     }
-    std::copy_n(feats + j * channels, channels, row + 3);
+    copy_bytes(feats + j * channels, channels * sizeof(out_t), row + 3);
   }
 }
 
