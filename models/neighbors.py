@@ -419,9 +419,7 @@ def _dp_fj(
                     return torch.ops.kdqat_C.group_points(
                         support_xyz, query_xyz, points_feats, idx, float(radius), normalize_dp
                     ).permute(0, 3, 1, 2)
-        elif _kernels.use_kernels(support_xyz, query_xyz, points_feats) and not _needs_grad(
-            query_xyz, support_xyz, points_feats
-        ):
+        elif _eager_inference(query_xyz, support_xyz, points_feats):
             return torch.ops.kdqat_C.group_points(
                 support_xyz, query_xyz, points_feats, idx, float(radius), normalize_dp
             ).permute(0, 3, 1, 2)
@@ -437,6 +435,15 @@ def _dp_fj(
 def _needs_grad(a: Tensor, b: Tensor, c: Tensor) -> bool:
     """Whether autograd would record an op on these tensors (the compiled grouping has no backward)."""
     return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or c.requires_grad)
+
+
+def _eager_inference(a: Tensor, b: Tensor, c: Tensor) -> bool:
+    """Whether eager float grouping goes to the compiled op: kernels apply, no gradient, not traced.
+
+    Under torch.export / torch.compile the grouping stays aten ops (see `models/neighbor_ops.py`:
+    Inductor fuses them, and a PT2E program must not need this library), even in no_grad.
+    """
+    return _kernels.use_kernels(a, b, c) and not _needs_grad(a, b, c) and not torch.compiler.is_compiling()
 
 
 def sample_and_group_quantized(

@@ -182,6 +182,20 @@ def test_torch_export_keeps_the_compiled_ops_as_single_nodes():
 
 
 @needs_kernels
+def test_torch_export_keeps_grouping_as_aten_ops_even_in_inference():
+    """The compiled grouping has no backward and would tie a PT2E program to this library."""
+    class Group(torch.nn.Module):
+        def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+            return N.local_group(xyz, feats, 0.3, 8, True)
+
+    xyz, feats = torch.rand(2, 64, 3), torch.randn(2, 4, 64)
+    with torch.no_grad():
+        program = torch.export.export(Group(), (xyz, feats))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert "kdqat_C.group_points.default" not in targets and "aten.index_select.default" in targets
+        assert torch.equal(program.module()(xyz, feats), Group()(xyz, feats))
+
+@needs_kernels
 def test_scripting_chooses_the_ops_per_call_and_leaves_default_scripts_portable():
     xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(9))
     portable = torch.jit.script(N.furthest_point_sample)
