@@ -3,8 +3,10 @@
 `models/neighbors.py` calls `torch.ops.kdqat_C.furthest_point_sample` / `.ball_query` when the
 extension imports, and its pure-PyTorch reference otherwise: both give identical indices (the
 C++ repeats the reference's float arithmetic), the compiled ones several to tens of times
-faster on CPU (`python tools/bench_neighbors.py` prints both side by side). The
-extension is optional: without it (no compiler, a CUDA-only install) everything still runs.
+faster on CPU (`python tools/bench_neighbors.py` prints both side by side). Likewise the
+grouping: `.group_points_quantized` (int8, bit-identical) and `.group_points` (float, inference
+only: no backward). The extension is optional: without it (no compiler, a CUDA-only install)
+everything still runs.
 
 Three switches, because the call sites differ:
 - eager Python (`use_kernels`): compiled whenever available, for CPU float32/float64 inputs,
@@ -65,7 +67,7 @@ def pure_torch() -> Iterator[None]:
 
 
 def use_kernels(*coords: Tensor) -> bool:
-    """Whether eager FPS / ball query on `coords` go to the compiled ops: CPU, one float dtype."""
+    """Whether eager neighbour ops on `coords` go to the compiled ops: CPU, one float dtype."""
     if _C is None or _FORCE_PURE:
         return False
     dtype = coords[0].dtype
