@@ -278,7 +278,9 @@ void group_one(const scalar_t* support, const scalar_t* centre, const out_t* fea
 }
 
 // Shape checks shared by both grouping ops; returns (B, N, M, K, C).
-std::array<int64_t, 5> group_sizes(const at::Tensor& support_xyz, const at::Tensor& query_xyz,
+using GroupSizes = std::array<int64_t, 5>;
+
+GroupSizes group_sizes(const at::Tensor& support_xyz, const at::Tensor& query_xyz,
                                    const at::Tensor& feats, const at::Tensor& idx) {
   TORCH_CHECK(support_xyz.dim() == 3 && support_xyz.size(2) == 3 && query_xyz.dim() == 3 && query_xyz.size(2) == 3 &&
                   feats.dim() == 3 && idx.dim() == 3,
@@ -295,9 +297,10 @@ std::array<int64_t, 5> group_sizes(const at::Tensor& support_xyz, const at::Tens
 
 // Runs `group_one` over every (batch, centre) pair in parallel.
 template <typename scalar_t, typename out_t, typename DpFn>
-void group_all_rows(const at::Tensor& support_xyz, const at::Tensor& query_xyz, const at::Tensor& feats,
-                    const at::Tensor& idx, bool normalize, double radius, DpFn dp_fn, out_t* out) {
-  const auto [batch, num_support, num_query, nsample, channels] = group_sizes(support_xyz, query_xyz, feats, idx);
+void group_all_rows(const GroupSizes& sizes, const at::Tensor& support_xyz, const at::Tensor& query_xyz,
+                    const at::Tensor& feats, const at::Tensor& idx, bool normalize, double radius, DpFn dp_fn,
+                    out_t* out) {
+  const auto [batch, num_support, num_query, nsample, channels] = sizes;
   const at::Tensor support = support_xyz.contiguous(), query = query_xyz.contiguous();
   const at::Tensor table = feats.contiguous(), index = idx.contiguous();
   const scalar_t* s = support.const_data_ptr<scalar_t>();
@@ -322,10 +325,11 @@ at::Tensor group_points(const at::Tensor& support_xyz, const at::Tensor& query_x
   TORCH_CHECK(support_xyz.scalar_type() == query_xyz.scalar_type() && feats.scalar_type() == query_xyz.scalar_type(),
               "group_points: support_xyz, query_xyz and feats must share one dtype, got ", support_xyz.scalar_type(),
               ", ", query_xyz.scalar_type(), ", ", feats.scalar_type());
-  const auto [batch, num_support, num_query, nsample, channels] = group_sizes(support_xyz, query_xyz, feats, idx);
+  const GroupSizes sizes = group_sizes(support_xyz, query_xyz, feats, idx);
+  const auto [batch, num_support, num_query, nsample, channels] = sizes;
   at::Tensor out = at::empty({batch, num_query, nsample, 3 + channels}, feats.options());
   AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "group_points", [&] {
-    group_all_rows<scalar_t, scalar_t>(support_xyz, query_xyz, feats, idx, normalize_dp, radius,
+    group_all_rows<scalar_t, scalar_t>(sizes, support_xyz, query_xyz, feats, idx, normalize_dp, radius,
                                        [](scalar_t d) { return d; }, out.mutable_data_ptr<scalar_t>());
   });
   return out;
@@ -339,12 +343,15 @@ at::Tensor group_points_quantized(const at::Tensor& support_xyz, const at::Tenso
                   feats.scalar_type() == at::kByte,
               "group_points_quantized: expects float32 coordinates and uint8 features, got ",
               support_xyz.scalar_type(), ", ", query_xyz.scalar_type(), ", ", feats.scalar_type());
-  const auto [batch, num_support, num_query, nsample, channels] = group_sizes(support_xyz, query_xyz, feats, idx);
+  TORCH_CHECK_VALUE(0 <= zero_point && zero_point <= 255, "group_points_quantized: zero_point=", zero_point,
+                    " must be in [0, 255] (quint8)");
+  const GroupSizes sizes = group_sizes(support_xyz, query_xyz, feats, idx);
+  const auto [batch, num_support, num_query, nsample, channels] = sizes;
   at::Tensor out = at::_empty_affine_quantized({batch, num_query, nsample, 3 + channels},
                                                support_xyz.options().dtype(at::kQUInt8), scale, zero_point);
   const float inv_scale = 1.0f / static_cast<float>(scale);
   const float zp = static_cast<float>(zero_point);
-  group_all_rows<float, uint8_t>(support_xyz, query_xyz, feats, idx, normalize_dp, radius,
+  group_all_rows<float, uint8_t>(sizes, support_xyz, query_xyz, feats, idx, normalize_dp, radius,
                                  [=](float d) { return quantize_uint8(d, inv_scale, zp); },
                                  reinterpret_cast<uint8_t*>(out.data_ptr<c10::quint8>()));
   return out;
