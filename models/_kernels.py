@@ -3,8 +3,10 @@
 `models/neighbors.py` calls `torch.ops.kdqat_C.furthest_point_sample` / `.ball_query` when the
 extension imports, and its pure-PyTorch reference otherwise: both give identical indices (the
 C++ repeats the reference's float arithmetic), the compiled ones several to tens of times
-faster on CPU (`python tools/bench_neighbors.py` prints both side by side). The
-extension is optional: without it (no compiler, a CUDA-only install) everything still runs.
+faster on CPU (`python tools/bench_neighbors.py` prints both side by side). Likewise the
+grouping: `.group_points_quantized` (int8, bit-identical) and `.group_points` (float, inference
+only: no backward). The extension is optional: without it (no compiler, a CUDA-only install)
+everything still runs.
 
 Three switches, because the call sites differ:
 - eager Python (`use_kernels`): compiled whenever available, for CPU float32/float64 inputs,
@@ -65,7 +67,7 @@ def pure_torch() -> Iterator[None]:
 
 
 def use_kernels(*coords: Tensor) -> bool:
-    """Whether eager FPS / ball query on `coords` go to the compiled ops: CPU, one float dtype."""
+    """Whether eager neighbour ops on `coords` go to the compiled ops: CPU, one float dtype."""
     if _C is None or _FORCE_PURE:
         return False
     dtype = coords[0].dtype
@@ -119,3 +121,17 @@ if _C is not None:
     @torch.library.register_fake("kdqat_C::ball_query")
     def _ball_query_fake(support_xyz: Tensor, query_xyz: Tensor, radius: float, nsample: int) -> Tensor:
         return query_xyz.new_empty((query_xyz.shape[0], query_xyz.shape[1], nsample), dtype=torch.long)
+
+    @torch.library.register_fake("kdqat_C::group_points")
+    def _group_points_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
+                           normalize_dp: bool) -> Tensor:
+        return feats.new_empty((idx.shape[0], idx.shape[1], idx.shape[2], 3 + feats.shape[2]))
+
+    @torch.library.register_fake("kdqat_C::group_points_quantized")
+    def _group_points_quantized_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
+                                     normalize_dp: bool, scale: float, zero_point: int) -> Tensor:
+        # Its output is quint8, and torch's fake / meta tensors have no quantized dtypes (fake
+        # `quantize_per_tensor` even returns float32), so no shape-only version can be honest.
+        raise NotImplementedError("kdqat_C::group_points_quantized returns a quint8 tensor, which torch.export / "
+                                  "torch.compile cannot trace; run the FX int8 model eagerly or as TorchScript "
+                                  "(PT2E exports keep float grouping and never call it)")

@@ -5,9 +5,10 @@ kernels that OpenPoints compiles (`openpoints/cpp/pointnet2_batch`), so that mod
 with OpenPoints on a GPU give the same neighbourhoods here, on CPU or CUDA. The pure-PyTorch
 functions below are the reference and the fallback; when the optional extension `models._C`
 is built, eager FPS and ball query on CPU call its C++ loops instead (identical indices, much
-faster: `models/_kernels.py` says when, `models/csrc/neighbors.cpp` how). Grouping stays a
-torch `index_select`: it measured within 1-2x of a plain copy of its own output, the floor any
-compiled gather could reach, so a compiled one was not worth a second implementation.
+faster: `models/_kernels.py` says when, `models/csrc/neighbors.cpp` how). So does the int8
+grouping (`_dp_fj_quantized`), which in torch ops moves the grouped tensor three times (gather,
+`cat`, the copy into a quantized tensor) and compiled writes each byte once, bit-identical, and
+the float grouping (`_dp_fj`) in inference; training keeps torch's differentiable gather.
 
 These functions contain data-dependent Python (loops, shape arithmetic), so they must never be
 traced op by op: `models/pointnext.py` declares the composite ops below (`sample_and_group`,
@@ -408,8 +409,20 @@ def _dp_fj(
 
     Built points-major, (B, M, K, 3 + C), and returned as a channels-last view: whole rows are
     copied, and fbgemm's quantized convolutions want channels-last input (they would copy).
+    In inference on CPU (no input needs a gradient) the compiled op builds the same tensor in
+    one pass; training keeps these differentiable torch ops.
     """
     with torch.autograd.profiler.record_function("neighbors::group"):
+        if torch.jit.is_scripting():  # a compile-time constant, as is the flag: see `_kernels.script`
+            if _kernels.SCRIPT_KERNELS:
+                if not _needs_grad(query_xyz, support_xyz, points_feats):
+                    return torch.ops.kdqat_C.group_points(
+                        support_xyz, query_xyz, points_feats, idx, float(radius), normalize_dp
+                    ).permute(0, 3, 1, 2)
+        elif _eager_inference(query_xyz, support_xyz, points_feats):
+            return torch.ops.kdqat_C.group_points(
+                support_xyz, query_xyz, points_feats, idx, float(radius), normalize_dp
+            ).permute(0, 3, 1, 2)
         table = torch.cat([support_xyz, points_feats], dim=2)  # (B, N, 3 + C)
         grouped = gather_points(table, idx)  # (B, M, K, 3 + C)
         dp = grouped[..., :3]
@@ -417,6 +430,20 @@ def _dp_fj(
         if normalize_dp:
             dp.div_(radius)
         return grouped.permute(0, 3, 1, 2)
+
+
+def _needs_grad(a: Tensor, b: Tensor, c: Tensor) -> bool:
+    """Whether autograd would record an op on these tensors (the compiled grouping has no backward)."""
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or c.requires_grad)
+
+
+def _eager_inference(a: Tensor, b: Tensor, c: Tensor) -> bool:
+    """Whether eager float grouping goes to the compiled op: kernels apply, no gradient, not traced.
+
+    Under torch.export / torch.compile the grouping stays aten ops (see `models/neighbor_ops.py`:
+    Inductor fuses them, and a PT2E program must not need this library), even in no_grad.
+    """
+    return _kernels.use_kernels(a, b, c) and not _needs_grad(a, b, c) and not torch.compiler.is_compiling()
 
 
 def sample_and_group_quantized(
@@ -471,12 +498,28 @@ def _dp_fj_quantized(
     scale: Tensor,
     zero_point: Tensor,
 ) -> Tensor:
+    """`quantize_per_tensor(_dp_fj(...))` bit for bit, quint8 (B, 3 + C, M, K) channels-last in memory.
+
+    The features (B, N, C) are quantized once per point, then gathered as bytes. On CPU the
+    compiled op (`models._kernels`) writes each grouped byte once, quantizing dp on the way;
+    the reference below moves the grouped tensor three times (gather, `cat`, the copy into a
+    quantized tensor) and serves elsewhere and as the specification.
+    """
     with torch.autograd.profiler.record_function("neighbors::group"):
+        feats_q = torch.quantize_per_tensor(points_feats, scale, zero_point, torch.quint8).int_repr()  # (B, N, C)
+        if torch.jit.is_scripting():  # a compile-time constant, as is the flag: see `_kernels.script`
+            if _kernels.SCRIPT_KERNELS:
+                return torch.ops.kdqat_C.group_points_quantized(
+                    support_xyz, query_xyz, feats_q, idx, float(radius), normalize_dp, float(scale), int(zero_point)
+                ).permute(0, 3, 1, 2)
+        elif _kernels.use_kernels(support_xyz, query_xyz) and support_xyz.dtype == torch.float32:
+            return torch.ops.kdqat_C.group_points_quantized(
+                support_xyz, query_xyz, feats_q, idx, float(radius), normalize_dp, float(scale), int(zero_point)
+            ).permute(0, 3, 1, 2)
         dp = gather_points(support_xyz, idx) - query_xyz.unsqueeze(2)  # (B, M, K, 3)
         if normalize_dp:
             dp = dp / radius
         # Concatenated as raw uint8: `cat` of quantized tensors dequantizes and requantizes.
-        feats_q = torch.quantize_per_tensor(points_feats, scale, zero_point, torch.quint8).int_repr()  # (B, N, C)
         dp_q = torch.quantize_per_tensor(dp, scale, zero_point, torch.quint8).int_repr()
         grouped = torch.cat([dp_q, gather_points(feats_q, idx)], dim=3)  # (B, M, K, 3 + C) uint8
         return torch._make_per_tensor_quantized_tensor(grouped, float(scale), int(zero_point)).permute(0, 3, 1, 2)

@@ -162,6 +162,8 @@ def test_fake_kernels_pass_opcheck():
     xyz = torch.rand(2, 40, 3, generator=gen)
     torch.library.opcheck(torch.ops.kdqat_C.furthest_point_sample, (xyz, 10))
     torch.library.opcheck(torch.ops.kdqat_C.ball_query, (xyz, xyz[:, :10], 0.3, 8))
+    idx = torch.ops.kdqat_C.ball_query(xyz, xyz[:, :10], 0.3, 8)
+    torch.library.opcheck(torch.ops.kdqat_C.group_points, (xyz, xyz[:, :10], torch.rand(2, 40, 6), idx, 0.3, True))
 
 
 @needs_kernels
@@ -180,6 +182,20 @@ def test_torch_export_keeps_the_compiled_ops_as_single_nodes():
 
 
 @needs_kernels
+def test_torch_export_keeps_grouping_as_aten_ops_even_in_inference():
+    """The compiled grouping has no backward and would tie a PT2E program to this library."""
+    class Group(torch.nn.Module):
+        def forward(self, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+            return N.local_group(xyz, feats, 0.3, 8, True)
+
+    xyz, feats = torch.rand(2, 64, 3), torch.randn(2, 4, 64)
+    with torch.no_grad():
+        program = torch.export.export(Group(), (xyz, feats))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert "kdqat_C.group_points.default" not in targets and "aten.index_select.default" in targets
+        assert torch.equal(program.module()(xyz, feats), Group()(xyz, feats))
+
+@needs_kernels
 def test_scripting_chooses_the_ops_per_call_and_leaves_default_scripts_portable():
     xyz = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(9))
     portable = torch.jit.script(N.furthest_point_sample)
@@ -188,6 +204,123 @@ def test_scripting_chooses_the_ops_per_call_and_leaves_default_scripts_portable(
     assert "kdqat_C" in with_kernels.code and "kdqat_C" not in portable.code + again.code
     assert torch.equal(with_kernels(xyz, 16), portable(xyz, 16))
 
+
+
+
+# ---- float grouping: the compiled op serves inference only, training keeps torch's autograd ----
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize_dp", [False, True])
+def test_grouping_matches_reference_in_inference(dtype, normalize_dp):
+    gen = torch.Generator().manual_seed(14)
+    xyz, feats = torch.rand(3, 200, 3, generator=gen, dtype=dtype), torch.randn(3, 7, 200, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        compiled, pure = compiled_and_pure(N.local_group, xyz, feats, 0.15, 16, normalize_dp)
+        assert torch.equal(compiled, pure) and compiled.stride() == pure.stride()
+        sparse = compiled_and_pure(N.sample_and_group, xyz, feats, 4, 0.05, 32, normalize_dp)  # padded balls
+    assert all(torch.equal(c, p) and c.stride() == p.stride() for c, p in zip(*sparse))
+
+
+@needs_kernels
+def test_grouping_keeps_differentiable_torch_ops_when_a_gradient_is_needed():
+    gen = torch.Generator().manual_seed(15)
+    xyz, feats = torch.rand(2, 64, 3, generator=gen), torch.randn(2, 4, 64, generator=gen).requires_grad_()
+    (grad,) = torch.autograd.grad(N.local_group(xyz, feats, 0.3, 8, True).square().sum(), feats)
+    with _kernels.pure_torch():
+        (expected,) = torch.autograd.grad(N.local_group(xyz, feats, 0.3, 8, True).square().sum(), feats)
+    assert torch.equal(grad, expected)
+
+
+@needs_kernels
+def test_scripted_grouping_calls_the_compiled_op_only_with_kernels_and_without_gradients():
+    gen = torch.Generator().manual_seed(17)
+    xyz, feats = torch.rand(2, 64, 3, generator=gen), torch.randn(2, 5, 64, generator=gen)
+    portable = torch.jit.script(N.local_group)
+    with_kernels = _kernels.script(N.local_group, kernels=True)
+    assert "kdqat_C::group_points" in str(with_kernels.inlined_graph)
+    assert "kdqat_C" not in str(portable.inlined_graph)
+    with torch.no_grad():
+        assert torch.equal(with_kernels(xyz, feats, 0.3, 16, True), portable(xyz, feats, 0.3, 16, True))
+    assert with_kernels(xyz, feats.requires_grad_(), 0.3, 16, True).grad_fn is not None
+
+# ---- int8 grouping: the compiled gather writes what quantize_per_tensor(dp_fj) would, byte for byte ----
+def assert_quantized_identical(compiled: torch.Tensor, pure: torch.Tensor) -> None:
+    assert compiled.dtype == pure.dtype == torch.quint8
+    assert (compiled.q_scale(), compiled.q_zero_point()) == (pure.q_scale(), pure.q_zero_point())
+    assert compiled.shape == pure.shape and compiled.stride() == pure.stride()  # channels-last (B, 3 + C, M, K)
+    assert torch.equal(compiled.int_repr(), pure.int_repr())
+
+
+def quantized_feats(batch: int, channels: int, num_points: int, gen: torch.Generator) -> torch.Tensor:
+    feats = torch.randn(batch, channels, num_points, generator=gen)
+    return torch.quantize_per_tensor(feats, 0.03, 120, torch.quint8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("normalize_dp", [False, True])
+@pytest.mark.parametrize("batch, num_points, channels, radius, nsample, scale, zero_point", [
+    (2, 256, 16, 0.15, 32, 0.011, 131), (3, 64, 5, 0.4, 16, 0.0047, 7), (1, 100, 1, 1.5, 64, 0.09, 250)])
+def test_grouping_quantized_matches_reference_on_random_clouds(batch, num_points, channels, radius, nsample, scale,
+                                                               zero_point, normalize_dp):
+    gen = torch.Generator().manual_seed(num_points)
+    xyz, feats = torch.rand(batch, num_points, 3, generator=gen), quantized_feats(batch, channels, num_points, gen)
+    qparams = (torch.tensor(scale), torch.tensor(zero_point))
+    assert_quantized_identical(*compiled_and_pure(N.local_group_quantized, xyz, feats, radius, nsample, normalize_dp,
+                                                  *qparams))
+    compiled, pure = compiled_and_pure(N.sample_and_group_quantized, xyz, feats, 4, radius, nsample, normalize_dp,
+                                       *qparams, *qparams)
+    assert all(torch.equal(c.int_repr() if c.is_quantized else c, p.int_repr() if p.is_quantized else p)
+               for c, p in zip(compiled, pure))
+    assert_quantized_identical(compiled[2], pure[2])
+
+
+@needs_kernels
+def test_grouping_quantized_matches_reference_on_halfway_points_clamping_and_padded_balls():
+    """dp exactly on .5 steps of the grid (ties to even), on fbgemm's `x * (1/scale)` halfway case
+    (127.5 by the product, 127.49999 by a division), far outside the grid (clamped), duplicates,
+    and balls with fewer than K points (their indices repeat the first)."""
+    halves = (torch.arange(-12, 12) + 0.5) * 0.25  # scale 0.25: dp / scale lands on k + 0.5 exactly
+    support = torch.zeros(1, 40, 3)
+    support[0, :24, 0], support[0, :24, 1], support[0, :24, 2] = halves, -halves, halves.flip(0)
+    support[0, 24] = torch.tensor([0.273939937, -0.273939937, 0.0])  # fbgemm's example, scale 0.00214854861
+    support[0, 25:28] = torch.tensor([[1e4, -1e4, 3.0], [-7e2, 7e2, 0.0], [0.1, 0.2, 0.3]])
+    support[0, 28:] = support[0, 25:37].clone()  # duplicates
+    query = torch.cat([torch.zeros(1, 1, 3), support[:, 25:28]], dim=1)
+    idx = torch.tensor([[list(range(0, 32)), list(range(20, 40)) + [20] * 12, [25] * 32, [27, 39] + [27] * 30]])
+    feats = torch.randn(1, 40, 6, generator=torch.Generator().manual_seed(3))
+    for scale, zero_point in [(0.25, 0), (0.25, 128), (0.25, 255), (0.00214854861, 0), (0.003, 17)]:
+        for normalize_dp, radius in [(False, 0.3), (True, 0.5), (True, 0.15)]:
+            args = (query, support, feats, idx, radius, normalize_dp, torch.tensor(scale), torch.tensor(zero_point))
+            assert_quantized_identical(*compiled_and_pure(N._dp_fj_quantized, *args))
+
+
+@needs_kernels
+def test_grouping_quantized_refuses_out_of_range_indices():
+    xyz, feats = torch.rand(1, 10, 3), torch.zeros(1, 10, 4, dtype=torch.uint8)
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.kdqat_C.group_points_quantized(xyz, xyz, feats, torch.full((1, 10, 2), 10), 0.1, False, 0.1, 0)
+
+
+@needs_kernels
+def test_grouping_quantized_has_no_fake_kernel_because_fake_tensors_have_no_quint8():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(NotImplementedError, match="quint8"):
+        xyz = mode.from_tensor(torch.rand(1, 10, 3))
+        torch.ops.kdqat_C.group_points_quantized(xyz, xyz, torch.zeros(1, 10, 4, dtype=torch.uint8),
+                                                 torch.zeros(1, 10, 2, dtype=torch.long), 0.1, False, 0.1, 0)
+
+
+@needs_kernels
+def test_scripted_quantized_grouping_calls_the_compiled_op_only_with_kernels():
+    gen = torch.Generator().manual_seed(13)
+    xyz, feats = torch.rand(2, 64, 3, generator=gen), quantized_feats(2, 8, 64, gen)
+    portable = torch.jit.script(N.local_group_quantized)
+    with_kernels = _kernels.script(N.local_group_quantized, kernels=True)
+    assert "kdqat_C::group_points_quantized" in str(with_kernels.inlined_graph)
+    assert "kdqat_C" not in str(portable.inlined_graph)
+    args = (xyz, feats, 0.3, 16, True, torch.tensor(0.02), torch.tensor(100))
+    assert_quantized_identical(with_kernels(*args), portable(*args))
 
 # ---- int8 artifacts: both modes load in a fresh interpreter without this project ----------------
 PROBE = """import sys, torch
@@ -212,6 +345,14 @@ def int8_model():
     qat.calibrate(prepared, [(clouds(4, seed),) for seed in range(2)])
     return qat.convert(prepared), clouds(3, 11)
 
+
+
+@needs_kernels
+def test_int8_logits_are_bit_identical_with_compiled_and_pure_ops(int8_model):
+    model, xyz = int8_model
+    with torch.no_grad():
+        compiled, pure = compiled_and_pure(model, xyz)
+    assert torch.equal(compiled, pure)
 
 @pytest.mark.parametrize("mode", ["portable", pytest.param("kernels", marks=needs_kernels)])
 def test_int8_artifact_loads_in_a_bare_interpreter_and_gives_the_same_logits(int8_model, mode, tmp_path):
