@@ -28,11 +28,20 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+# The ops this code calls. A library built from older sources (the code pulled, the extension not
+# rebuilt) lacks some: it is then not used at all, rather than failing at import or mid-model.
+OPS = ("furthest_point_sample", "ball_query", "group_points", "group_points_quantized")
+
 try:
     from . import _C
 except ImportError as _error:  # not built: the pure-PyTorch path serves
     _C = None
     _IMPORT_ERROR = str(_error)
+else:
+    _missing = [op for op in OPS if not hasattr(torch.ops.kdqat_C, op)]
+    if _missing:
+        _C = None
+        _IMPORT_ERROR = f"the built library predates models/csrc (no op {', '.join(_missing)}); rebuild it"
 
 __all__ = ["available", "library_path", "pure_torch", "use_kernels", "script", "SCRIPT_KERNELS"]
 

@@ -1,4 +1,5 @@
-"""Quantization: the qconfig spec, the backends (prepare / convert / toggles), the QAT schedule, PTQ calibration.
+"""Quantization: the qconfig spec, the backends (prepare / convert / toggles), the QAT schedule, PTQ calibration,
+and deployment (convert → export → reload → verify, `qat/deploy.py`).
 
 `prepare_qat`, `prepare_ptq`, `convert`, the schedule's toggles and the reports come from
 `qat/backend.py`, which forwards each call to `qat/fx.py` (FX/fbgemm, the default) or
@@ -22,6 +23,7 @@ from .backend import (
     unfreeze_bn_stats,
     weighted_layer_names,
 )
+from .deploy import Deployed, deploy, load_deployed
 from .fx import build_qconfig_mapping
 from .ptq import calibrate
 from .schedule import QuantSchedule, group_stages, stage_key
@@ -54,4 +56,7 @@ __all__ = [
     "stage_key",
     "group_stages",
     "calibrate",
+    "Deployed",
+    "deploy",
+    "load_deployed",
 ]

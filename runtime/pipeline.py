@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -25,14 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data
+import distill
 import qat
 from atomic_io import atomic_write
-from distill import (
-    DistillationLoss, Engine, EngineConfig, atomic_torch_save, predict,
-    seed_everything,
-)
+from distill import DistillationLoss, Engine, EngineConfig, TeacherSource, predict
 from distill import distributed
-from models import CheckpointError, create_model, load_checkpoint
+from models import create_model, load_checkpoint
 from models.neighbors import shared_neighborhoods
 
 from runtime.config import ConfigError, wants_resume
@@ -207,157 +203,24 @@ def run_engine(
     return engine
 
 
-# The code that trains a teacher: a change to any of these files may change the weights it ends with.
-TEACHER_CODE = ("models", "data", "distill", "runtime/pipeline.py")
-
-
-@functools.lru_cache(maxsize=None)
-def teacher_code_stamp(root: Path = Path(__file__).resolve().parents[1]) -> str:
-    """Hash of the source of `TEACHER_CODE`: a cached teacher is reused only by the code that trained it.
-
-    A hash rather than a version constant bumped by hand: a forgotten bump would silently reuse a
-    teacher the current code would not train (the failure the cache key exists to prevent), while
-    a needless retrain after an edit that changes nothing costs only minutes.
-    """
-    digest = hashlib.sha256()
-    for entry in TEACHER_CODE:
-        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _teacher_cache_key(cfg: DictConfig) -> str:
-    """Everything that determines a trained teacher: data, architecture, recipe, seed, the code that
-    trains it, and how BN sees the batch (with N processes and no `train.sync_bn`, each rank normalises
-    with its own 1/N of the batch, so the world size changes the teacher)."""
-    sync_bn = bool(OmegaConf.select(cfg, "train.sync_bn", default=False))
-    keyed = {
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "teacher": {k: cfg.teacher[k] for k in ("model", "width", "epochs", "lr", "warmup_epochs")},
-        # the student's lr scale does not touch the teacher: a sweep over it reuses one teacher
-        "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "qat_lr_scale"},
-        "sched": OmegaConf.to_container(cfg.sched, resolve=True),
-        "label_smoothing": cfg.distill.label_smoothing,
-        "batch_size": cfg.train.batch_size,
-        "seed": cfg.seed,
-        "sync_bn": sync_bn,
-        "bn_world_size": 1 if sync_bn else distributed.world_size(),
-        "code": teacher_code_stamp(),
-    }
-    keyed["dataset"].pop("num_workers", None)
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def check_teacher_ckpt(cfg: DictConfig, d: Data) -> None:
     """Loads `teacher.ckpt` into a throwaway model: a bad file fails before the run writes anything."""
     if cfg.teacher.ckpt:
         load_checkpoint(build_model(cfg.teacher.model, cfg.teacher.width, cfg, d), cfg.teacher.ckpt)
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in key order): equal for equal
-    weights whichever file they were saved to (a torch.save zip names its records after the file)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (BN counters) cannot be viewed as bytes
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where the teacher came from: `kind` 'checkpoint' (`teacher.ckpt`), 'cached' (an earlier run's)
-    or 'trained' (in this run), and the file holding its weights, so a run directory names the exact
-    teacher it distilled from, cached or not."""
-
-    kind: str
-    path: Path
-    weights_sha256: str
-
-    def to_dict(self) -> dict[str, str]:
-        """metrics.json's `teacher` provenance: `{path, sha256, weights_sha256, source}`. `sha256` is the
-        file's (what `sha256sum` prints); `weights_sha256` the weights' (`weights_sha256`), which is
-        the same for a teacher trained in the run and the cached copy of it."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return {"path": str(Path(self.path).resolve()), "sha256": digest.hexdigest(),
-                "weights_sha256": self.weights_sha256, "source": self.kind}
-
-    def __str__(self) -> str:
-        return "trained in this run" if self.kind == "trained" else f"{self.kind} {self.path}"
-
-
-def _load_teacher(model: nn.Module, path: Path, key: str, logger: RunLogger) -> bool:
-    """Loads a teacher saved by `obtain_teacher` if it was trained under cache key `key`; says why not."""
-    try:
-        recorded = load_checkpoint(model, path).get("cache_key")
-    except CheckpointError as err:  # truncated or corrupt: retrain rather than fail or trust it
-        logger.console(f"{path}: unusable ({str(err).splitlines()[0]}); training the teacher again")
-        return False
-    if recorded != key:
-        logger.console(f"{path}: trained with another config or code (cache key {recorded} != {key}); "
-                       "training the teacher again")
-        return False
-    return True
-
-
 def obtain_teacher(cfg: DictConfig, d: Data, run_dir: Path, logger: RunLogger,
                    device: torch.device) -> tuple[nn.Module, TeacherSource]:
-    """The FP32 teacher: `teacher.ckpt`, else a cached one, else trained here (then cached).
+    """The FP32 teacher (`teacher.ckpt`, cached, or trained here with `run_engine`): `distill.obtain_teacher`
+    wired to this run's model factory and engine run."""
 
-    The run directory's `teacher/final.pt` and the cache's `teachers/<key>.pt` record the cache key
-    they were trained under, and are reused only when it equals the current one.
+    def train(model: nn.Module) -> Engine:
+        return run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.teacher.lr,
+                          warmup_epochs=cfg.teacher.warmup_epochs, phase="teacher", run_dir=run_dir,
+                          logger=logger, device=device, tag="fp32")
 
-    Returns:
-        The model (eval mode) and where it came from.
-    """
-    model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d)
-    if cfg.teacher.ckpt:
-        load_checkpoint(model, cfg.teacher.ckpt)
-        return model.eval(), TeacherSource("checkpoint", Path(cfg.teacher.ckpt), weights_sha256(model))
-    key = _teacher_cache_key(cfg)
-    cached = Path(cfg.cache_dir) / "teachers" / f"{key}.pt"
-    final = run_dir / "teacher" / "final.pt"
-    for source in (final, cached if cfg.teacher.cache else None):
-        if source is not None and source.is_file() and _load_teacher(model, source, key, logger):
-            return model.eval(), TeacherSource("cached", source, weights_sha256(model))
-    logger.console(f"training the FP32 teacher for {cfg.teacher.epochs} epochs (cached for later runs)")
-    seed_everything(cfg.seed)
-    model = build_model(cfg.teacher.model, cfg.teacher.width, cfg, d).to(device)
-    engine = run_engine(model, cfg, d, epochs=cfg.teacher.epochs, lr=cfg.teacher.lr,
-                        warmup_epochs=cfg.teacher.warmup_epochs, phase="teacher", run_dir=run_dir,
-                        logger=logger, device=device, tag="fp32")
-    model = model.cpu()
-    degenerate = teacher_degeneracy(engine, d.num_classes)
-    if degenerate:
-        logger.console(f"warning: the teacher trained here is not cached: {degenerate}")
-    if distributed.is_main():  # every rank holds the same teacher; one writes it
-        saved = {"model": model.state_dict(), "epochs": cfg.teacher.epochs, "cache_key": key}
-        atomic_torch_save(saved, final)
-        if cfg.teacher.cache and not degenerate:
-            atomic_torch_save(saved, cached)
-    distributed.barrier()
-    return model.eval(), TeacherSource("trained", final, weights_sha256(model))
-
-
-def teacher_degeneracy(engine: Engine, num_classes: int) -> str:
-    """Why a freshly trained teacher must not be cached for other runs ('' if it may).
-
-    A cached teacher is reused silently by every later run with the same settings, so only one
-    that trained every epoch (at least one optimizer step each) and beats chance on validation
-    data is kept.
-    """
-    if engine.epoch < engine.config.epochs or engine.step < engine.config.epochs:
-        return f"{engine.step} optimizer steps in {engine.epoch} of {engine.config.epochs} epochs"
-    chance = 100.0 / num_classes
-    oa = engine.history[-1].get(f"val/oa_{engine.config.tag}") if engine.history else None
-    if oa is not None and oa <= chance:
-        return f"its validation OA {oa:.2f}% is not above chance ({chance:.2f}%); train it longer (teacher.epochs)"
-    return ""
+    return distill.obtain_teacher(cfg, lambda: build_model(cfg.teacher.model, cfg.teacher.width, cfg, d), train,
+                                  run_dir, logger.console, device, d.num_classes)
 
 
 def init_student(cfg: DictConfig, d: Data, teacher: nn.Module) -> nn.Module:

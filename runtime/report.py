@@ -1,15 +1,16 @@
-"""Figures of a finished run (accuracy, size, latency) and the console table.
+"""Figures of a finished run (accuracy, size, latency), metrics.json's layout and the console tables.
 
-Every number in metrics.json is measured here, from the models and the saved artifact: the
-int8 row is evaluated by reloading the artifact from disk, not from the in-memory model
+Every number in metrics.json is measured here or by `qat.deploy`, from the models and the saved
+artifact: the int8 row is that of the artifact reloaded from disk, not of the in-memory model
 (`model_int8.pt`, TorchScript, for FX backends; `model_int8.pt2`, a `torch.export` program run
-through Inductor, for `pt2e_x86`, whose compile time is recorded as `compile_s`).
+through Inductor, for `pt2e_x86`, whose compile time is recorded as `compile_s`). Converting and
+exporting are `qat.deploy`'s; `runtime/workflow.py` calls it between `reference_figures` and
+`int8_figures`.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,13 +18,12 @@ from omegaconf import DictConfig
 
 import qat
 from atomic_io import atomic_write
-from qat import backend
-from qat.export import file_size_mb, packed_size_mb
+from qat.export import packed_size_mb
 
 from runtime import pipeline
-from runtime.measure import random_clouds
 
-__all__ = ["fp32_figures", "quantized_run_metrics", "print_results_table", "compare_table", "save_confusion_png"]
+__all__ = ["fp32_figures", "reference_figures", "artifact_accuracy", "int8_figures", "print_results_table",
+           "compare_table", "save_confusion_png"]
 
 
 def val_figures(model: Any, d: pipeline.Data) -> dict[str, Any]:
@@ -48,27 +48,21 @@ def fp32_figures(model: nn.Module, cfg: DictConfig, d: pipeline.Data) -> dict[st
     }
 
 
-def quantized_run_metrics(
+def reference_figures(
     cfg: DictConfig,
     d: pipeline.Data,
     *,
     method: str,
     prepared: nn.Module,
     fp32_model: nn.Module,
-    run_dir: Path,
     teacher: nn.Module | None = None,
     schedule: Any = None,
-    history: list | None = None,
     fp32_reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Converts, exports and measures a prepared (QAT or calibrated PTQ) model.
+    """The start of a quantized run's metrics.json: what it is, and the models its int8 row is compared with.
 
-    Returns the metrics.json payload: the int8 figures at top level (accuracy: `oa`, `macc` on
-    test, `val: {oa, macc}` on val, here and in every sub-dict), `fp32` (the model that was
-    quantized), `teacher` (when distilling), `fakequant` (the prepared model, for QAT methods),
-    `backend`, `artifact` (file name in `run_dir`), `convert_s`, and `compile_s` (PT2E: seconds
-    of Inductor's first call at batch 1 and the eval batch; None for FX, which compiles nothing).
-    The int8 figures are those of the reloaded artifact run as deployed (PT2E: compiled).
+    `fp32` (the model that was quantized), `teacher` (when distilling), `fakequant` (the prepared
+    model, for QAT methods); accuracy as `oa`, `macc` on test and `val: {oa, macc}` on val in each.
     `fp32_reference`: FP32 figures already measured in this process (compare), so that every
     method's ratios divide by the same FP32 measurement as the compare table does.
     """
@@ -86,34 +80,37 @@ def quantized_run_metrics(
             val = val_figures(prepared, d)
             fakequant = pipeline.evaluate(prepared, d)
         metrics["fakequant"] = {"oa": fakequant["oa"], "macc": fakequant["macc"], **val}
-    spec = qat.spec_from_config(cfg.qat)
-    metrics["backend"] = spec.backend
-    start = time.perf_counter()
-    int8 = qat.convert(prepared)
-    metrics["convert_s"] = time.perf_counter() - start
-    artifact = run_dir / backend.artifact_name(int8)
-    is_pt2e = backend.for_model(int8) is backend.pt2e
-    backend.export_int8(int8, artifact, {
-        "class_names": list(d.train.class_names),
-        "num_points": d.num_points,
-        "in_channels": d.in_channels,
-        "input_layout": {"xyz": "float32 (B, N, 3)", "feats": f"float32 (B, {d.in_channels}, N), optional when 3"},
-        "method": method, "model": cfg.model.name, "dataset": cfg.dataset.name, "backend": spec.backend,
-    }, _random_inputs(2, d) if is_pt2e else None)  # batch 2: export keeps the batch dimension dynamic
-    reloaded = backend.load_int8(artifact)
-    # PT2E compiles per batch size on first call: done here, on the shapes latency and evaluation use
-    shapes = dict.fromkeys((1, cfg.train.eval_batch_size)) if is_pt2e else ()
-    runner, compile_s = backend.inference_runner(reloaded, [_random_inputs(b, d) for b in shapes])
+    return metrics
+
+
+def artifact_accuracy(runner: Callable[..., torch.Tensor], d: pipeline.Data) -> dict[str, Any]:
+    """`{oa, macc, val: {oa, macc}, per_class_acc}` of a reloaded int8 artifact (test; val under `val`):
+    what `qat.deploy` verifies the file it wrote with."""
     val = val_figures(runner, d)
     result = pipeline.evaluate(runner, d)
+    return {"oa": result["oa"], "macc": result["macc"], **val, "per_class_acc": result["per_class"]}
+
+
+def int8_figures(metrics: dict[str, Any], deployed: qat.Deployed, cfg: DictConfig, d: pipeline.Data,
+                 history: list | None = None) -> dict[str, Any]:
+    """Completes `metrics` (from `reference_figures`) with the deployed artifact's figures.
+
+    At top level: `backend`, `convert_s`, the artifact's accuracy (`deployed.verified`, from
+    `artifact_accuracy`), `artifact` (file name in the run directory), `size_mb`, `size_mb_packed`,
+    `latency_ms` of the reloaded runner, `compile_s` (PT2E: seconds of Inductor's first call at
+    batch 1 and the eval batch; None for FX, which compiles nothing), `quantized_ops`, and the
+    ratios to `fp32`. The int8 figures are those of the reloaded artifact run as deployed.
+    """
+    metrics["backend"] = deployed.backend
+    metrics["convert_s"] = deployed.convert_s
     metrics.update({
-        "oa": result["oa"], "macc": result["macc"], **val, "per_class_acc": result["per_class"],
-        "artifact": artifact.name,
-        "size_mb": file_size_mb(artifact),
-        "size_mb_packed": packed_size_mb(fp32_model, spec),  # bits × parameters + qparams (qat/export.py)
-        "latency_ms": pipeline.model_latency(runner, cfg, d),
-        "compile_s": compile_s,
-        "quantized_ops": qat.quantized_op_count(int8),
+        **deployed.verified,
+        "artifact": deployed.artifact.name,
+        "size_mb": deployed.size_mb,
+        "size_mb_packed": deployed.size_mb_packed,  # bits × parameters + qparams (qat/export.py)
+        "latency_ms": pipeline.model_latency(deployed.runner, cfg, d),
+        "compile_s": deployed.compile_s,
+        "quantized_ops": qat.quantized_op_count(deployed.int8),
     })
     metrics["delta_oa_vs_fp32"] = metrics["oa"] - metrics["fp32"]["oa"]
     metrics["size_ratio_vs_fp32"] = metrics["size_mb"] / metrics["fp32"]["size_mb"]
@@ -124,11 +121,6 @@ def quantized_run_metrics(
     if history:
         metrics["history"] = history
     return metrics
-
-
-def _random_inputs(batch: int, d: pipeline.Data) -> tuple[torch.Tensor, torch.Tensor]:
-    """Export / compile inputs for batch size `batch`, shaped like the test loader's batches."""
-    return random_clouds(batch, d.num_points, d.in_channels, torch.Generator().manual_seed(batch))
 
 
 def print_results_table(rows: list[tuple[str, dict[str, Any]]]) -> None:

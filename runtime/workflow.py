@@ -2,7 +2,8 @@
 
 `tools/train_kd_qat.py` runs `kd_qat` (or `qat`); `tools/quantize.py` runs any method and
 `compare` runs them all from the same FP32 model. There is no second implementation of any of
-them: static PTQ, QAT and KD-QAT differ only in calibration vs. engine run and in α.
+them: static PTQ, QAT and KD-QAT differ only in calibration vs. engine run and in α. Every
+quantized method ends in `qat.deploy` (convert → export → reload → verify), in `quantized_run_metrics`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from runtime import pipeline
 
 from runtime.config import ConfigError
 from runtime.logger import RunLogger
-from runtime.report import fp32_figures, quantized_run_metrics
+from runtime.measure import random_clouds
+from runtime.report import artifact_accuracy, fp32_figures, int8_figures, reference_figures
 
 METHODS = ("fp32", "static", "qat", "kd_qat")
 
@@ -95,3 +97,43 @@ def quantize(
     return quantized_run_metrics(cfg, d, method=method, prepared=prepared.cpu(), schedule=schedule,
                                  fp32_model=fp32_model, teacher=teacher if alpha > 0 else None, run_dir=run_dir,
                                  history=engine.history, fp32_reference=fp32_reference)
+
+
+def quantized_run_metrics(
+    cfg: DictConfig,
+    d: pipeline.Data,
+    *,
+    method: str,
+    prepared: nn.Module,
+    fp32_model: nn.Module,
+    run_dir: Path,
+    teacher: nn.Module | None = None,
+    schedule: Any = None,
+    history: list | None = None,
+    fp32_reference: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's end: measures the reference models, deploys `prepared` into `run_dir`, measures the artifact.
+
+    Returns the metrics.json payload (keys: `runtime/report.py`, `reference_figures` and
+    `int8_figures`). The only place a quantized run reads the test split (besides `fp32`).
+    """
+    metrics = reference_figures(cfg, d, method=method, prepared=prepared, fp32_model=fp32_model, teacher=teacher,
+                                schedule=schedule, fp32_reference=fp32_reference)
+    spec = qat.spec_from_config(cfg.qat)
+    deployed = qat.deploy(prepared, spec, run_dir, artifact_sidecar(cfg, d, method, spec),
+                          example_inputs=lambda batch: random_clouds(batch, d.num_points, d.in_channels,
+                                                                     torch.Generator().manual_seed(batch)),
+                          batch_sizes=(1, cfg.train.eval_batch_size), float_model=fp32_model,
+                          verify=lambda runner: artifact_accuracy(runner, d))
+    return int8_figures(metrics, deployed, cfg, d, history)
+
+
+def artifact_sidecar(cfg: DictConfig, d: pipeline.Data, method: str, spec: qat.QConfigSpec) -> dict[str, Any]:
+    """The int8 artifact's JSON sidecar: what a process without this project needs to feed it clouds."""
+    return {
+        "class_names": list(d.train.class_names),
+        "num_points": d.num_points,
+        "in_channels": d.in_channels,
+        "input_layout": {"xyz": "float32 (B, N, 3)", "feats": f"float32 (B, {d.in_channels}, N), optional when 3"},
+        "method": method, "model": cfg.model.name, "dataset": cfg.dataset.name, "backend": spec.backend,
+    }

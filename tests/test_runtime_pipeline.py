@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from _tools import ROOT
 from data import build_loader
 from distill import Engine, EngineConfig, atomic_torch_save
+from distill import teacher
 from models import create_model
 from runtime import pipeline
 
@@ -31,21 +32,21 @@ class Console:
 def test_teacher_cache_key_depends_on_world_size_only_without_sync_bn(monkeypatch):
     keys = {}
     for world in (1, 2):
-        monkeypatch.setattr(pipeline.distributed, "world_size", lambda world=world: world)
-        keys[world, False] = pipeline._teacher_cache_key(config())
-        keys[world, True] = pipeline._teacher_cache_key(config("train.sync_bn=true"))
+        monkeypatch.setattr(teacher.distributed, "world_size", lambda world=world: world)
+        keys[world, False] = teacher.teacher_cache_key(config())
+        keys[world, True] = teacher.teacher_cache_key(config("train.sync_bn=true"))
     assert keys[1, False] != keys[2, False]  # each rank normalised BN with its own half-batch
     assert keys[1, True] == keys[2, True]  # BN saw the global batch either way
     assert keys[1, True] != keys[1, False]
 
 
 def test_teacher_cache_key_depends_on_the_code_that_trains_it(monkeypatch, tmp_path):
-    stamp_of, current = pipeline.teacher_code_stamp.__wrapped__, pipeline.teacher_code_stamp()
-    before = pipeline._teacher_cache_key(config())
-    monkeypatch.setattr(pipeline, "teacher_code_stamp", lambda: "edited")
-    assert pipeline._teacher_cache_key(config()) != before
+    stamp_of, current = teacher.teacher_code_stamp.__wrapped__, teacher.teacher_code_stamp()
+    before = teacher.teacher_cache_key(config())
+    monkeypatch.setattr(teacher, "teacher_code_stamp", lambda: "edited")
+    assert teacher.teacher_cache_key(config()) != before
     # the stamp itself follows the source: one changed byte in a file it covers changes it
-    for entry in pipeline.TEACHER_CODE:
+    for entry in teacher.TEACHER_CODE:
         target = tmp_path / entry if entry.endswith(".py") else tmp_path / entry / "module.py"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("x = 1\n")
@@ -56,10 +57,10 @@ def test_teacher_cache_key_depends_on_the_code_that_trains_it(monkeypatch, tmp_p
 
 
 def test_teacher_cache_key_follows_the_teacher_recipe_not_the_students_lr_scale():
-    base = pipeline._teacher_cache_key(config())
-    assert pipeline._teacher_cache_key(config("teacher.lr=0.001")) != base
-    assert pipeline._teacher_cache_key(config("teacher.warmup_epochs=0")) != base
-    assert pipeline._teacher_cache_key(config("optim.qat_lr_scale=0.5")) == base  # a student sweep shares one teacher
+    base = teacher.teacher_cache_key(config())
+    assert teacher.teacher_cache_key(config("teacher.lr=0.001")) != base
+    assert teacher.teacher_cache_key(config("teacher.warmup_epochs=0")) != base
+    assert teacher.teacher_cache_key(config("optim.qat_lr_scale=0.5")) == base  # a student sweep shares one teacher
 
 
 def test_teacher_trains_with_its_own_recipe_not_the_students(monkeypatch, tmp_path):
@@ -95,14 +96,14 @@ def test_scheduler_warms_up_linearly_over_the_given_epochs():
 def test_run_directory_teacher_is_reused_only_when_its_recorded_key_matches(monkeypatch, tmp_path, recorded, reused):
     cfg = config(f"cache_dir={tmp_path / 'cache'}")
     d = SimpleNamespace(num_classes=4, in_channels=3)
-    key = pipeline._teacher_cache_key(cfg)
+    key = teacher.teacher_cache_key(cfg)
     saved = {"model": create_model("pointnext-s", num_classes=4, width=8).state_dict(), "epochs": 1}
     if recorded is not None:
         saved["cache_key"] = key if recorded == "current" else "0123456789abcdef"
     atomic_torch_save(saved, tmp_path / "run" / "teacher" / "final.pt")
     trained = []
     monkeypatch.setattr(pipeline, "run_engine", lambda *args, **kwargs: trained.append(kwargs["phase"]))
-    monkeypatch.setattr(pipeline, "teacher_degeneracy", lambda engine, num_classes: "")  # no engine ran
+    monkeypatch.setattr(teacher, "teacher_degeneracy", lambda engine, num_classes: "")  # no engine ran
     logger = Console()
     _, source = pipeline.obtain_teacher(cfg, d, tmp_path / "run", logger, torch.device("cpu"))
     assert (source.kind == "cached" and not trained) if reused else (trained == ["teacher"])
@@ -114,12 +115,12 @@ def test_run_directory_teacher_is_reused_only_when_its_recorded_key_matches(monk
 
 def test_corrupt_cached_teacher_is_retrained_naming_the_file(monkeypatch, tmp_path):
     cfg = config(f"cache_dir={tmp_path / 'cache'}")
-    cached = tmp_path / "cache" / "teachers" / f"{pipeline._teacher_cache_key(cfg)}.pt"
+    cached = tmp_path / "cache" / "teachers" / f"{teacher.teacher_cache_key(cfg)}.pt"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"PK\x03\x04 truncated")
     trained = []
     monkeypatch.setattr(pipeline, "run_engine", lambda *args, **kwargs: trained.append(kwargs["phase"]))
-    monkeypatch.setattr(pipeline, "teacher_degeneracy", lambda engine, num_classes: "")  # no engine ran
+    monkeypatch.setattr(teacher, "teacher_degeneracy", lambda engine, num_classes: "")  # no engine ran
     logger = Console()
     pipeline.obtain_teacher(cfg, SimpleNamespace(num_classes=4, in_channels=3), tmp_path / "run", logger,
                             torch.device("cpu"))

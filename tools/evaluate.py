@@ -167,14 +167,14 @@ def load_artifact(path: Path, d: pipeline.Data, compile_pt2: bool = True) -> Any
         print(f"note: the artifact was measured on {sidecar.get('num_points')} points, this split has {d.num_points} "
               f"(dataset.num_points={sidecar.get('num_points')} reproduces its metrics)")
     try:
-        loaded = backend.load_int8(path)
+        runner, _ = qat.load_deployed(path, compile=compile_pt2)  # PT2E: compiled lazily, on the first batch
     except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
         raise CheckpointError(f"int8 artifact {path}: loading a PT2E program needs torchao ({err}); "
                               "install the project's pinned requirements") from None
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"int8 artifact {path}: unreadable ({str(err).splitlines()[0]}); re-export it or copy it "
                               "again from the run directory") from None
-    return backend.inference_runner(loaded)[0] if compile_pt2 else loaded
+    return runner
 
 
 def find_run_config(path: Path, cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[str, DictConfig]:

@@ -84,8 +84,8 @@ def run(cfg: DictConfig) -> None:
         return
 
     # ---- student: FP32 copy → FX-prepared → (KD-)QAT with the fake-quant schedule → int8 ------
-    # (runtime/workflow.py: prepare_qat_fx, the engine with the schedule as an epoch hook,
-    #  convert_fx, TorchScript export, evaluation of the reloaded artifact, latency and size)
+    # (runtime/workflow.py: prepare_qat_fx, the engine with the schedule as an epoch hook, then
+    #  qat.deploy: convert_fx, TorchScript export, evaluation of the reloaded artifact; latency and size)
     student = pipeline.init_student(cfg, d, teacher)
     metrics = quantize(cfg.mode, cfg, d, student, teacher, run_dir, logger, device)
     if metrics is None:  # not rank 0 (see above)

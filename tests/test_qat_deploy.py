@@ -1,0 +1,63 @@
+"""`qat.deploy`: convert → export → reload → verify, on a calibrated PointNeXt-S (width 8, 64 points, FX).
+
+(The PT2E path, compiled at each batch size, runs end to end in tests/test_tools_pt2e.py.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qat
+from models import create_model
+from qat import QConfigSpec
+from qat.export import packed_size_mb, read_sidecar
+from test_qat_standin import one_thread  # noqa: F401 (autouse fixture)
+
+N = 64  # points per cloud
+
+
+def clouds(batch: int, seed: int = 0) -> tuple[torch.Tensor]:
+    return (torch.rand(batch, N, 3, generator=torch.Generator().manual_seed(seed)),)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    torch.manual_seed(0)
+    model = create_model("pointnext-s", num_classes=5, width=8).eval()
+    spec = QConfigSpec()
+    prepared = qat.prepare_ptq(model, spec, clouds(2))
+    qat.calibrate(prepared, [clouds(8, seed) for seed in range(3)], forward_fn=lambda m, batch: m(*batch))
+    return model, spec, prepared
+
+
+def test_deploy_measures_the_artifact_reloaded_from_disk(calibrated, tmp_path):
+    model, spec, prepared = calibrated
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    seen = []
+
+    def verify(runner):
+        seen.append(runner)
+        return runner(*clouds(3, 7))
+
+    deployed = qat.deploy(prepared, spec, tmp_path, {"num_points": N}, example_inputs=clouds, batch_sizes=(1, 4),
+                          float_model=model, verify=verify)
+    assert deployed.artifact == tmp_path / "model_int8.pt" and read_sidecar(deployed.artifact)["num_points"] == N
+    # verify ran on the file read back (TorchScript), not on the converted model in memory
+    assert seen == [deployed.runner] and isinstance(deployed.runner, torch.jit.ScriptModule)
+    assert not isinstance(deployed.int8, torch.jit.ScriptModule)  # control: the two are distinguishable
+    assert torch.equal(deployed.verified, deployed.int8(*clouds(3, 7)))  # the file runs like the converted model
+    assert deployed.size_mb == deployed.artifact.stat().st_size / 1e6
+    assert deployed.size_mb_packed == packed_size_mb(model, spec) < deployed.size_mb
+    assert deployed.backend == spec.backend and deployed.compile_s is None  # FX compiles nothing
+    assert deployed.convert_s > 0
+    assert all(torch.equal(v, before[k]) for k, v in prepared.state_dict().items())  # prepared left as it was
+
+
+def test_load_deployed_runs_an_fx_artifact_as_loaded(calibrated, tmp_path):
+    model, spec, prepared = calibrated
+    deployed = qat.deploy(prepared, spec, tmp_path, {"num_points": N}, example_inputs=clouds, batch_sizes=(1,),
+                          float_model=model)
+    assert deployed.verified is None  # no verify asked for
+    for compile in (True, False):
+        runner, compile_s = qat.load_deployed(deployed.artifact, [clouds(2)], compile=compile)
+        assert compile_s is None and torch.equal(runner(*clouds(2, 5)), deployed.runner(*clouds(2, 5)))
