@@ -24,6 +24,7 @@ from .backend import (
     weighted_layer_names,
 )
 from .deploy import Deployed, deploy, load_deployed
+from .export import artifact_mode
 from .fx import build_qconfig_mapping
 from .ptq import calibrate
 from .schedule import QuantSchedule, group_stages, stage_key
@@ -58,5 +59,6 @@ __all__ = [
     "calibrate",
     "Deployed",
     "deploy",
+    "artifact_mode",
     "load_deployed",
 ]

@@ -167,7 +167,8 @@ def artifact_name(int8_model: nn.Module, stem: str = "model_int8") -> str:
     return stem + _suffix(for_model(int8_model))
 
 
-def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any], example_inputs: Any) -> Path:
+def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any], example_inputs: Any,
+                mode: str = "portable") -> Path:
     """Writes the converted model's artifact (format by backend) and its JSON sidecar, atomically.
 
     Args:
@@ -175,6 +176,7 @@ def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any]
         path: Destination; its suffix must be the backend's (`artifact_name` gives it).
         sidecar: Class names, number of points, input layout, ... (JSON-serialisable).
         example_inputs: Positional inputs for `torch.export` (PT2E only; FX scripts the model).
+        mode: FX only: `portable` or `kernels` neighbour ops in the TorchScript file (`qat.export`).
     """
     module = for_model(int8_model)
     path = Path(path)
@@ -182,7 +184,7 @@ def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any]
         raise ValueError(f"export_int8: {path.name} for a {module.__name__} model; use {artifact_name(int8_model)}")
     if module is pt2e:
         return pt2e.export_int8(int8_model, path, sidecar, example_inputs)
-    return export.export_int8(int8_model, path, sidecar)
+    return export.export_int8(int8_model, path, sidecar, mode)
 
 
 def load_int8(path: str | Path) -> nn.Module:

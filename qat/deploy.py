@@ -39,6 +39,7 @@ class Deployed:
         size_mb: The artifact's size on disk (MB, 10^6 bytes).
         size_mb_packed: Bits × parameters + qparams of the float model under the spec (`packed_size_mb`).
         verified: What `verify` returned for the reloaded runner (None without `verify`).
+        mode: The TorchScript artifact's neighbour ops, `portable` or `kernels` (None for PT2E's program).
     """
 
     int8: nn.Module
@@ -50,6 +51,7 @@ class Deployed:
     size_mb: float
     size_mb_packed: float
     verified: Any = None
+    mode: str | None = None
 
 
 def load_deployed(
@@ -80,6 +82,7 @@ def deploy(
     batch_sizes: Sequence[int],
     float_model: nn.Module,
     verify: Callable[[Callable[..., torch.Tensor]], Any] | None = None,
+    mode: str = "portable",
 ) -> Deployed:
     """Converts `prepared`, exports the artifact into `out_dir`, reloads it, and verifies the reloaded copy.
 
@@ -94,16 +97,18 @@ def deploy(
         float_model: The FP32 model that was quantized, for the packed size.
         verify: Run on the reloaded artifact (e.g. its accuracy on val and test); its result is
             `Deployed.verified`. After compiling, so its figures are those of the deployed runner.
+        mode: The TorchScript artifact's neighbour ops, `portable` or `kernels` (FX; `qat.artifact_mode` resolves the setting).
     """
     start = time.perf_counter()
     int8 = backend.convert(prepared)
     convert_s = time.perf_counter() - start
     artifact = Path(out_dir) / backend.artifact_name(int8)
     is_pt2e = backend.for_model(int8) is backend.pt2e
-    backend.export_int8(int8, artifact, sidecar, example_inputs(2) if is_pt2e else None)
+    backend.export_int8(int8, artifact, sidecar, example_inputs(2) if is_pt2e else None, mode)
     shapes = dict.fromkeys(batch_sizes) if is_pt2e else ()  # FX/TorchScript compiles nothing
     runner, compile_s = load_deployed(artifact, [example_inputs(b) for b in shapes])
     verified = verify(runner) if verify is not None else None
     return Deployed(int8=int8, artifact=artifact, runner=runner, backend=spec.backend, convert_s=convert_s,
                     compile_s=compile_s, size_mb=file_size_mb(artifact),
-                    size_mb_packed=packed_size_mb(float_model, spec), verified=verified)
+                    size_mb_packed=packed_size_mb(float_model, spec), verified=verified,
+                    mode=None if is_pt2e else mode)

@@ -39,7 +39,7 @@ from models import CheckpointError, _kernels
 
 from .spec import QConfigSpec
 
-__all__ = ["MODES", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar", "write_sidecar",
+__all__ = ["MODES", "artifact_mode", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar", "write_sidecar",
            "sidecar_path", "file_size_mb", "packed_size_mb"]
 
 
@@ -60,6 +60,19 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 
 MODES = ("portable", "kernels")
+
+
+def artifact_mode(requested: str) -> str:
+    """The export mode for the `artifact` setting: `auto` is `kernels` when the compiled ops are
+    built (the fast artifact), else `portable`; `kernels` without them is refused (one line)."""
+    if requested == "auto":
+        return "kernels" if _kernels.available() else "portable"
+    if requested not in MODES:
+        raise ValueError(f"artifact={requested}: use auto, {' or '.join(MODES)}")
+    if requested == "kernels" and not _kernels.available():
+        raise ValueError("artifact=kernels: the compiled neighbour ops are not built here (models._C); "
+                         "build them (`pip install --no-build-isolation -e .`) or use artifact=portable")
+    return requested
 
 
 def _save_compact(scripted: torch.jit.ScriptModule, path: str) -> None:

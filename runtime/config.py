@@ -105,12 +105,19 @@ def validate_config(cfg: DictConfig) -> None:
         DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, cfg.distill.label_smoothing)  # validates
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    try:
+        qat.artifact_mode(OmegaConf.select(cfg, "artifact", default="auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.mode != "fp32":
         try:
-            qat.spec_from_config(cfg.qat)
+            spec = qat.spec_from_config(cfg.qat)
             qat.QuantSchedule.from_config(cfg.qat)
         except (qat.SpecError, ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from None
+        if spec.backend.startswith("pt2e") and OmegaConf.select(cfg, "artifact", default="auto") != "auto":
+            raise ConfigError(f"artifact={cfg.artifact} chooses the neighbour ops of the FX backends' TorchScript file; "
+                              f"qat.backend={spec.backend} writes a .pt2 program: leave artifact=auto")
     if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
         raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
     if not cfg.teacher.ckpt and cfg.teacher.epochs == 0 and not OmegaConf.select(cfg, "pretrained", default=""):

@@ -96,7 +96,7 @@ def int8_figures(metrics: dict[str, Any], deployed: qat.Deployed, cfg: DictConfi
     """Completes `metrics` (from `reference_figures`) with the deployed artifact's figures.
 
     At top level: `backend`, `convert_s`, the artifact's accuracy (`deployed.verified`, from
-    `artifact_accuracy`), `artifact` (file name in the run directory), `size_mb`, `size_mb_packed`,
+    `artifact_accuracy`), `artifact` (file name in the run directory), `artifact_mode`, `size_mb`, `size_mb_packed`,
     `latency_ms` of the reloaded runner, `compile_s` (PT2E: seconds of Inductor's first call at
     batch 1 and the eval batch; None for FX, which compiles nothing), `quantized_ops`, and the
     ratios to `fp32`. The int8 figures are those of the reloaded artifact run as deployed.
@@ -106,6 +106,7 @@ def int8_figures(metrics: dict[str, Any], deployed: qat.Deployed, cfg: DictConfi
     metrics.update({
         **deployed.verified,
         "artifact": deployed.artifact.name,
+        "artifact_mode": deployed.mode,  # kernels: the compiled neighbour ops' library beside it (not in size_mb)
         "size_mb": deployed.size_mb,
         "size_mb_packed": deployed.size_mb_packed,  # bits × parameters + qparams (qat/export.py)
         "latency_ms": pipeline.model_latency(deployed.runner, cfg, d),

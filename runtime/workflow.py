@@ -124,7 +124,8 @@ def quantized_run_metrics(
                           example_inputs=lambda batch: random_clouds(batch, d.num_points, d.in_channels,
                                                                      torch.Generator().manual_seed(batch)),
                           batch_sizes=(1, cfg.train.eval_batch_size), float_model=fp32_model,
-                          verify=lambda runner: artifact_accuracy(runner, d))
+                          verify=lambda runner: artifact_accuracy(runner, d),
+                          mode=qat.artifact_mode(cfg.artifact))
     return int8_figures(metrics, deployed, cfg, d, history)
 
 

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 
@@ -61,3 +63,46 @@ def test_load_deployed_runs_an_fx_artifact_as_loaded(calibrated, tmp_path):
     for compile in (True, False):
         runner, compile_s = qat.load_deployed(deployed.artifact, [clouds(2)], compile=compile)
         assert compile_s is None and torch.equal(runner(*clouds(2, 5)), deployed.runner(*clouds(2, 5)))
+
+
+# ---- the artifact's neighbour ops (the `artifact` setting) ---------------------------------------
+@pytest.mark.parametrize("built, expected", [(True, "kernels"), (False, "portable")])
+def test_artifact_auto_is_the_compiled_ops_when_built(monkeypatch, built, expected):
+    from models import _kernels
+    monkeypatch.setattr(_kernels, "available", lambda: built)
+    assert qat.artifact_mode("auto") == expected
+    assert qat.artifact_mode("portable") == "portable"
+
+
+def test_artifact_kernels_without_the_compiled_ops_is_one_line_naming_the_fix(monkeypatch):
+    from models import _kernels
+    monkeypatch.setattr(_kernels, "available", lambda: False)
+    with pytest.raises(ValueError, match=r"^artifact=kernels: .* or use artifact=portable$"):
+        qat.artifact_mode("kernels")
+    with pytest.raises(ValueError, match="artifact=fast: use auto, portable or kernels"):
+        qat.artifact_mode("fast")
+
+
+def scripted_code(artifact) -> str:
+    """The TorchScript source inside an artifact (its records are deflated)."""
+    with zipfile.ZipFile(artifact) as archive:
+        return "".join(archive.read(n).decode() for n in archive.namelist() if "/code/" in n and n.endswith(".py"))
+
+
+def test_deploy_with_kernels_ships_their_library_and_runs_like_the_portable_file(calibrated, tmp_path):
+    from models import _kernels
+    if not _kernels.available():
+        pytest.skip("models._C is not built")
+    model, spec, prepared = calibrated
+    files = {}
+    for mode in ("portable", "kernels"):
+        deployed = qat.deploy(prepared, spec, tmp_path / mode, {"num_points": N}, example_inputs=clouds,
+                              batch_sizes=(1,), float_model=model, verify=lambda runner: runner(*clouds(3, 7)),
+                              mode=mode)
+        files[mode] = (deployed, sorted(p.name for p in (tmp_path / mode).iterdir()))
+    (portable, portable_files), (kernels, kernels_files) = files["portable"], files["kernels"]
+    assert portable.mode == "portable" and "kdqat_C" not in scripted_code(portable.artifact)
+    assert kernels.mode == "kernels" and "kdqat_C" in scripted_code(kernels.artifact)
+    assert set(kernels_files) - set(portable_files) == {"model_int8_kdqat_C.so"}  # the library travels with it
+    assert read_sidecar(kernels.artifact)["load"] == "torch.ops.load_library('model_int8_kdqat_C.so')"
+    assert torch.equal(kernels.verified, portable.verified)  # same logits, bit for bit

@@ -1,5 +1,6 @@
 """`tools/train_kd_qat.py` end to end on a tiny synthetic configuration."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,9 +54,13 @@ def test_final_log_records_are_metrics_json_under_the_logged_names(finished_run)
     assert final[0]["test/oa_int8"] == metrics["oa"] and final[1]["val/oa_fp32"] == metrics["fp32"]["val"]["oa"]
 
 
-PROBE = (  # a fresh interpreter, cwd outside the repo, no PYTHONPATH: only torch and the artifact
-    "import sys, torch\n"
+PROBE = (  # a fresh interpreter, cwd outside the repo, no PYTHONPATH: only torch, the artifact and its sidecar
+    "import json, os, sys, torch\n"
     "assert 'models' not in sys.modules\n"
+    "sidecar = sys.argv[1][:-3] + '.json'\n"
+    "library = json.load(open(sidecar)).get('kernels') if os.path.exists(sidecar) else None\n"
+    "if library:  # the sidecar's `load` line: the compiled neighbour ops travel beside the artifact\n"
+    "    torch.ops.load_library(os.path.join(os.path.dirname(sys.argv[1]), library))\n"
     "m = torch.jit.load(sys.argv[1])\n"
     "x = torch.load(sys.argv[2])\n"
     "torch.save(m(x['xyz'], x['feats']).argmax(1), sys.argv[3])\n"
@@ -84,8 +89,11 @@ def artifact_oa(tmp_path: Path, run: Path, artifact: Path) -> float:
 @pytest.mark.slow
 def test_int8_artifact_loads_without_the_project_and_reproduces_the_reported_accuracy(finished_run, tmp_path):
     _, run = finished_run
-    reported = json.loads((run / "metrics.json").read_text())["oa"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    reported = metrics["oa"]
     assert_learned(reported, "reported int8 OA")
+    if os.environ.get("KDQAT_REQUIRE_KERNELS") == "1":  # built: the default artifact carries the compiled ops
+        assert metrics["artifact_mode"] == "kernels" and (run / "model_int8_kdqat_C.so").is_file()
     assert artifact_oa(tmp_path, run, run / "model_int8.pt") == pytest.approx(reported, abs=1e-6)
     # negative control: an artifact that is not the trained model does not reproduce the figure
     torch.jit.script(ConstantClass()).save(str(tmp_path / "constant.pt"))

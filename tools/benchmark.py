@@ -45,10 +45,10 @@ import qat
 from qat import backend
 from qat.spec import FX_BACKENDS, PT2E_BACKENDS
 from distill import DistillationLoss, FrozenTeacher
-from models import create_model, load_checkpoint
+from models import _kernels, create_model, load_checkpoint
 from models._precomputed import NeighbourIndices, PrecomputedPointNeXt
 from models.neighbors import NeighborhoodMemo, shared_neighborhoods
-from qat.export import export_int8, file_size_mb
+from qat.export import export_int8, file_size_mb, load_int8
 from runtime import pipeline
 from runtime.config import validate_config
 from runtime.exits import hydra_entry, main_guard
@@ -91,6 +91,10 @@ def calibration_clouds(cfg: DictConfig) -> list[tuple[torch.Tensor, torch.Tensor
 def build_paths(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], torch.fx.GraphModule]:
     """FP32 eager, FP32 BN-folded, int8 (calibrated on random clouds: latency ignores weight values).
 
+    The int8 artifact is exported as the training tools export it (the `artifact` setting: the
+    compiled neighbour ops when built); with the compiled ops, the `portable` file (pure TorchScript
+    ops, what runs where the library cannot go) is timed beside it as `int8_portable`.
+
     Returns:
         The timed paths (int8: the TorchScript artifact reloaded) and the converted FX int8 model
         the artifact was scripted from (for the network-alone column).
@@ -102,10 +106,14 @@ def build_paths(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], torch.fx.G
     example = random_clouds(2, cfg.bench.points)
     prepared = qat.prepare_ptq(copy.deepcopy(fp32), _spec_for(cfg, FX_BACKENDS), example)
     qat.calibrate(prepared, calibration_clouds(cfg))
-    int8_path = Path(HydraConfig.get().runtime.output_dir) / "model_int8.pt"
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     converted = qat.convert(prepared)
-    export_int8(converted, int8_path, {"num_points": cfg.bench.points, "note": "benchmark, random weights"})
-    paths = {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32), "int8": torch.jit.load(str(int8_path))}
+    sidecar = {"num_points": cfg.bench.points, "note": "benchmark, random weights"}
+    mode = qat.artifact_mode(cfg.artifact)
+    paths = {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32),
+             "int8": load_int8(export_int8(converted, run_dir / "model_int8.pt", sidecar, mode))}
+    if mode == "kernels":
+        paths["int8_portable"] = load_int8(export_int8(converted, run_dir / "model_int8_portable.pt", sidecar))
     return paths, converted
 
 
@@ -193,11 +201,11 @@ def openvino_int8_network(fp32: torch.nn.Module, search: Callable[[torch.Tensor]
 
 
 def index_fed_columns(cfg: DictConfig, fp32: torch.nn.Module, int8_fx: torch.fx.GraphModule) -> dict[str, Binder]:
-    """Binders of the issue-16 columns: our index search alone (TorchScript, as in the artifact), our
+    """Binders of the issue-16 columns: our index search alone (TorchScript with the artifact's ops), our
     int8 network alone (the converted FX model with every FPS / ball query answered from a memo
     filled before timing: the same int8 leaves and kernels as the artifact, no search), and, when
     OpenVINO and NNCF import, OpenVINO's int8 network alone and our search + OpenVINO's network."""
-    search = torch.jit.script(NeighbourIndices(fp32))
+    search = _kernels.script(NeighbourIndices(fp32), kernels=qat.artifact_mode(cfg.artifact) == "kernels")
 
     def our_network(xyz: torch.Tensor, feats: torch.Tensor) -> Callable[[], object]:
         memo = NeighborhoodMemo()
@@ -482,7 +490,8 @@ def run(cfg: DictConfig) -> None:
         torch.backends.quantized.engine = cfg.bench.int8_engine
     engine = torch.backends.quantized.engine  # prepacks and runs every int8 path here, the artifact on reload too
     result: dict = {"config": OmegaConf.to_container(cfg.bench), "model": cfg.model.name, "width": cfg.model.width,
-                    "torch": torch.__version__, "threads": cfg.bench.threads, "int8_engine": engine}
+                    "torch": torch.__version__, "threads": cfg.bench.threads, "int8_engine": engine,
+                    "artifact_mode": qat.artifact_mode(cfg.artifact)}
     with torch_threads(cfg.bench.threads):
         paths, int8_fx = build_paths(cfg)
         result["size_mb"] = {"fp32_state_dict": pipeline.state_dict_size_mb(paths["fp32_eager"]),
@@ -504,7 +513,7 @@ def run(cfg: DictConfig) -> None:
                 row["int8_over_openpoints_fp32"] = row["int8"]["median"] / row["openpoints_fp32"]["median"]
             # Issue 16's columns, as ratios to our BN-folded FP32 end to end, and ours against the peer
             row["over_fp32_folded"] = {name: row[name]["median"] / row["fp32_folded"]["median"]
-                                       for name in ("int8", *columns)}
+                                       for name in ("int8", "int8_portable", *columns) if name in row}
             row["index_search_share_of_int8"] = row["index_search"]["median"] / row["int8"]["median"]
             if "index_search+openvino_int8_network" in row:
                 row["int8_over_peer"] = row["int8"]["median"] / row["index_search+openvino_int8_network"]["median"]
@@ -527,7 +536,7 @@ def run(cfg: DictConfig) -> None:
 
 def report(result: dict) -> None:
     print(f"{result['model']} width {result['width']}, {result['config']['points']} points, {result['threads']} threads, "
-          f"int8 engine {result['int8_engine']}")
+          f"int8 engine {result['int8_engine']}, int8 artifact with {result['artifact_mode']} neighbour ops")
     for batch, row in result["latency_ms"].items():
         cells = ", ".join(f"{k} {v['median']:.1f} ms" for k, v in row.items() if isinstance(v, dict) and "median" in v)
         versus_reference = (f", int8/OpenPoints FP32 = {row['int8_over_openpoints_fp32']:.3f}"
