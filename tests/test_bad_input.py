@@ -3,6 +3,14 @@ the field or file, no traceback, and the run directory exactly as before (or abs
 
 Most cases fail during validation, before any data or training; the run-directory cases share
 one finished tiny run (`finished`), which each case must leave byte for byte as it was.
+
+The end-to-end contract (exit 2, one `error:` line, no traceback, nothing written) is proven by a
+tool subprocess for each kind of path: a config refusal (validation, hydra's own composition
+errors), a run-directory refusal, a checkpoint, a data file, a sidecar, a file-system fault, and
+once for every tool. Further cases of the same kind only differ in the check that names the
+field; those call that check in-process (`runtime/config.py`, `RunDirectory.open`,
+`read_checked_sidecar`, hydra's composition), which proves the named field as well, in a
+fraction of a subprocess's start-up.
 """
 import argparse
 import fcntl
@@ -16,10 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import CompactHydraException
 
 import _tools as tools
 from _tools import TINY, TINY_DATA, TINY_TRAIN
 from data.modelnet40 import write_modelnet40
+from models.checkpoint import CheckpointError
+from qat.export import read_checked_sidecar
+from runtime.config import CONFIG_DIR, ConfigError, check_overrides, validate_config
+from runtime.exits import describe_hydra_error
+from runtime.rundir import RunDirectory
 
 
 def snapshot(path: Path) -> dict[str, bytes] | None:
@@ -39,6 +54,21 @@ def refused(proc, *names: str) -> str:
     return lines[0]
 
 
+def composed(*overrides: str, tool: str = "train_kd_qat"):
+    """The config `tools/<tool>.py` composes from `overrides` (hydra's own refusals raise here)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=tool, overrides=list(overrides))
+
+
+def refused_in_process(check, *names: str) -> str:
+    """`check()` raises the tool's refusal (its message becomes the one line) naming every one of `names`."""
+    with pytest.raises((ConfigError, CompactHydraException)) as err:
+        check()
+    line = describe_hydra_error(err.value) if isinstance(err.value, CompactHydraException) else str(err.value)
+    assert "\n" not in line and all(name in line for name in names), line
+    return line
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("bad_input")
@@ -52,15 +82,11 @@ def finished(workdir):
     return run
 
 
-# (case id, extra arguments, words the one line must contain); each into a fresh run directory
+# (case id, extra arguments, words the one line must contain); each into a fresh run directory, end to end:
+# a validation refusal, and a data refusal after hydra made the run directory (which must be removed)
 FRESH_CASES = [
     ("typo_with_plus", ["+train.epoch=5"], ["+train.epoch", "train.epochs"]),
-    ("unknown_model", ["model.name=foo"], ["model.name=foo"]),
-    ("seed_beyond_32_bits", ["seed=99999999999999999999999"], ["seed="]),
-    ("untrained_teacher", ["teacher.epochs=0"], ["teacher.epochs=0", "teacher.ckpt"]),
     ("batch_larger_than_split", ["train.batch_size=200"], ["train.batch_size=200", "training split"]),
-    ("allow_changes_unknown_key", ["resume=true", "allow_changes=[optim.lr]"], ["allow_changes", "train.epochs"]),
-    ("resume_and_overwrite", ["resume=true", "overwrite=true"], ["resume=true", "overwrite=true"]),
 ]
 
 
@@ -71,6 +97,33 @@ def test_bad_config_is_one_line_and_leaves_no_run_directory(workdir, case, args,
     proc = tools.run_tool("train_kd_qat.py", workdir, *TINY, f"hydra.run.dir={run}", *args, check=False, threads=1)
     refused(proc, *names)
     assert snapshot(run) is None
+
+
+# The same refusals as the tool's (test above: what becomes of them), by the checks that raise them.
+CONFIG_CASES = [
+    ("unknown_model", ["model.name=foo"], ["model.name=foo"]),
+    ("seed_beyond_32_bits", ["seed=99999999999999999999999"], ["seed="]),
+    ("untrained_teacher", ["teacher.epochs=0"], ["teacher.epochs=0", "teacher.ckpt"]),
+]
+
+
+@pytest.mark.parametrize("case,args,names", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_validate_config_refuses_a_bad_value_naming_the_key(case, args, names):
+    validate_config(composed(*TINY))  # negative control: TINY itself passes
+    refused_in_process(lambda: validate_config(composed(*TINY, *args)), *names)
+
+
+RUN_DIRECTORY_CASES = [  # checked when the run directory is opened, before anything is written into it
+    ("allow_changes_unknown_key", ["resume=true", "allow_changes=[optim.lr]"], ["allow_changes", "train.epochs"]),
+    ("resume_and_overwrite", ["resume=true", "overwrite=true"], ["resume=true", "overwrite=true"]),
+]
+
+
+@pytest.mark.parametrize("case,args,names", RUN_DIRECTORY_CASES, ids=[c[0] for c in RUN_DIRECTORY_CASES])
+def test_run_directory_refuses_contradictory_resume_options_before_writing(tmp_path, case, args, names):
+    cfg = composed(*TINY, *args)
+    refused_in_process(lambda: RunDirectory.open(tmp_path / "run", cfg, resume=cfg.resume), *names)
+    assert snapshot(tmp_path / "run") == {}  # created (as hydra does), nothing written
 
 
 @pytest.mark.slow
@@ -84,7 +137,8 @@ def test_corrupt_teacher_checkpoint_is_named_before_anything_is_written(workdir)
     assert snapshot(run) is None
 
 
-# (case id, extra arguments, words the one line must contain); each against the finished run
+# (case id, extra arguments, words the one line must contain); each against the finished run.
+# One case end to end (the tool's exit and line); the rest are `RunDirectory.open`'s checks in-process.
 FINISHED_CASES = [
     ("fresh_run_over_a_finished_one", ["seed=1"], ["already holds a run", "resume=true", "overwrite=true"]),
     ("resume_with_another_model", ["resume=true", "model.width=16"], ["model.width", "config.yaml"]),
@@ -94,12 +148,22 @@ FINISHED_CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,args,names", FINISHED_CASES, ids=[c[0] for c in FINISHED_CASES])
-def test_a_finished_run_cannot_be_clobbered(workdir, finished, case, args, names):
+def test_a_finished_run_cannot_be_clobbered(workdir, finished):
+    case, args, names = FINISHED_CASES[0]
     before = snapshot(finished)
     proc = tools.run_tool("train_kd_qat.py", workdir, *TINY, f"hydra.run.dir={finished}", *args, check=False,
                           threads=1)
     refused(proc, *names)
+    assert snapshot(finished) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,args,names", FINISHED_CASES, ids=[c[0] for c in FINISHED_CASES])
+def test_run_directory_of_a_finished_run_refuses_a_changed_config_naming_the_keys(finished, case, args, names):
+    before = snapshot(finished)
+    RunDirectory.open(finished, composed(*TINY, "resume=true"), resume=True).close()  # negative control: unchanged
+    cfg = composed(*TINY, *args)
+    refused_in_process(lambda: RunDirectory.open(finished, cfg, resume=cfg.resume), *names)
     assert snapshot(finished) == before
 
 
@@ -178,11 +242,11 @@ def bad(workdir, finished):
 MODELNET40 = ["dataset=modelnet40", "dataset.num_points=128", "train.num_workers=0", *TINY_TRAIN]  # over `bad`'s root
 
 # (case id, tool, arguments given (bad files dir, finished run dir), words the one line must contain);
-# each into a fresh run directory, which must not exist afterwards
+# each into a fresh run directory, which must not exist afterwards. Every tool, and every kind of path
+# (hydra's composition, validation, a data root, a checkpoint, a FIFO, a sidecar) at least once.
 TOOL_CASES = [
     ("train_unknown_key_without_plus", "train_kd_qat.py", lambda b, f: [*TINY, "train.epoch=5"],
      ["train.epoch", "did you mean train.epochs"]),
-    ("train_missing_option", "train_kd_qat.py", lambda b, f: [*TINY, "model=foo"], ["model/foo", "pointnext-s"]),
     ("train_symlinked_class_list", "train_kd_qat.py",
      lambda b, f: [*MODELNET40, f"dataset.root={b / 'modelnet40_link'}"],
      ["shape_names.txt", "outside the data root"]),
@@ -195,8 +259,6 @@ TOOL_CASES = [
     ("evaluate_fifo", "evaluate.py", lambda b, f: [*TINY_DATA, f"checkpoint={b / 'cloud.npy'}"], ["cloud.npy", "FIFO"]),
     ("evaluate_sidecar_num_points", "evaluate.py",
      lambda b, f: [*TINY_DATA, f"checkpoint={b / 'num_points_zero' / 'model_int8.pt'}"], ["model_int8.json", "num_points=0"]),
-    ("evaluate_unknown_key", "evaluate.py", lambda b, f: [*TINY_DATA, "splt=train"], ["splt", "did you mean split"]),
-    ("benchmark_zero_threads", "benchmark.py", lambda b, f: ["bench.threads=0"], ["bench.threads=0"]),
     ("benchmark_refused_checkpoint", "benchmark.py", lambda b, f: [f"pretrained={b / 'pickled.pt'}"],
      ["pickled.pt", "refused"]),
     ("ablate_unknown_table", "ablate.py", lambda b, f: ["table=nope"], ["table=nope"]),
@@ -212,21 +274,48 @@ def test_every_tool_refuses_bad_input_in_one_line(workdir, finished, bad, case, 
     assert snapshot(run) is None
 
 
-# (case id, artifact folder under the bad files, words the one line must contain)
+# hydra's own refusals and validation, in-process: the cases above show each tool turns them into its one line
+COMPOSITION_CASES = [
+    ("train_missing_option", "train_kd_qat", ["model=foo"], ["model/foo", "pointnext-s"]),
+    ("evaluate_unknown_key", "evaluate", ["splt=train"], ["splt", "did you mean split"]),
+]
+
+
+@pytest.mark.parametrize("case,tool,args,names", COMPOSITION_CASES, ids=[c[0] for c in COMPOSITION_CASES])
+def test_composition_refuses_an_unknown_key_or_option_naming_it(case, tool, args, names):
+    composed(*TINY_DATA, tool=tool)  # negative control: the tool's config composes without the bad override
+    refused_in_process(lambda: composed(*TINY_DATA, *args, tool=tool), *names)
+
+
+def test_validate_config_refuses_zero_benchmark_threads():
+    validate_config(composed(tool="benchmark"))  # negative control
+    refused_in_process(lambda: validate_config(composed("bench.threads=0", tool="benchmark")), "bench.threads=0")
+
+
+# (case id, words the one line must contain): sidecars edited by hand. One end to end (predict's own
+# check of the class count against the artifact's output); the sidecar's own checks in-process.
 PREDICT_CASES = [
     ("num_points_zero", ["model_int8.json", "num_points=0"]),
     ("class_names_string", ["model_int8.json", "class_names='airplane'", "list of strings"]),
     ("one_class", ["model_int8.json", "at least 2"]),
-    ("too_few_class_names", ["predicts", "lists 2 class_names"]),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,names", PREDICT_CASES, ids=[c[0] for c in PREDICT_CASES])
-def test_predict_refuses_an_edited_sidecar_in_one_line(workdir, bad, case, names):
-    proc = tools.run_tool("predict.py", workdir, f"artifact={bad / case / 'model_int8.pt'}",
+def test_read_checked_sidecar_refuses_an_edited_sidecar_naming_the_field(finished, bad, case, names):
+    read_checked_sidecar(finished / "model_int8.pt")  # negative control: the run's own sidecar passes
+    with pytest.raises(CheckpointError) as err:
+        read_checked_sidecar(bad / case / "model_int8.pt")
+    assert "\n" not in str(err.value)
+    assert all(name in str(err.value) for name in names), str(err.value)
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_sidecar_listing_fewer_classes_than_the_artifact_predicts(workdir, bad):
+    proc = tools.run_tool("predict.py", workdir, f"artifact={bad / 'too_few_class_names' / 'model_int8.pt'}",
                           f"input={bad / 'cloud.txt'}", check=False, threads=1)
-    refused(proc, *names)
+    refused(proc, "predicts", "lists 2 class_names")
 
 
 @pytest.mark.slow

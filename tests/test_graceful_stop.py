@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import _tools as tools
-from _tools import ROOT, TINY
+from _tools import ROOT, TINY, TINY_STEPS_PER_EPOCH
 
 WRAPPER = r'''
 import os, runpy, signal, sys
@@ -46,7 +46,7 @@ else:  # during int8 conversion
 sys.argv = [tool, *sys.argv[2:]]
 runpy.run_path(tool, run_name="__main__")
 '''
-STEPS_PER_EPOCH = 16 * 6 // 16  # TINY: 16 classes x 6 train clouds, batch 16
+STEPS_PER_EPOCH = TINY_STEPS_PER_EPOCH
 
 
 def stopped(workdir: Path, run: Path, where: str, n: int, signal_name: str, *args: str) -> subprocess.CompletedProcess:
