@@ -244,9 +244,9 @@ def init_student(cfg: DictConfig, d: Data, teacher: nn.Module) -> nn.Module:
     return student
 
 
-def prepare_student(student: nn.Module, cfg: DictConfig, d: Data) -> nn.Module:
-    """FX-prepares the FP32 student for QAT with the configured qconfig spec."""
-    return qat.prepare_qat(copy.deepcopy(student).train(), qat.spec_from_config(cfg.qat), d.example_inputs())
+def prepare_student(student: nn.Module, spec: qat.QConfigSpec, d: Data) -> nn.Module:
+    """Prepares a copy of the FP32 student for QAT under `spec` (the run's one spec, built by the caller)."""
+    return qat.prepare_qat(copy.deepcopy(student).train(), spec, d.example_inputs())
 
 
 # ---- evaluation and artifacts ----------------------------------------------------------------

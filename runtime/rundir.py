@@ -38,7 +38,8 @@ _RUN_NEUTRAL = ("resume", "overwrite", "allow_changes", "logger", "train.num_wor
 # Keys `allow_changes` may name: what the run then does is defined and tested.
 _CHANGEABLE = ("train.epochs",)
 # What a started run leaves behind (a fresh run must not write over these).
-_RUN_FILES = ("config.yaml", "metrics.json", "teacher", "student", "log.jsonl")
+_RUN_FILES = ("config.yaml", "metrics.json", "teacher", "student", "log.jsonl",
+              "model_int8.pt", "model_int8.json", "model_int8.pt2", "model_int8_kdqat_C.so")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

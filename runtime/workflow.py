@@ -72,16 +72,16 @@ def quantize(
     if method == "fp32":
         return {"method": "fp32", "model": cfg.model.name, "width": cfg.model.width, "dataset": cfg.dataset.name,
                 "seed": cfg.seed, "num_points": d.num_points, **fp32_figures(fp32_model, cfg, d)}
+    spec = qat.spec_from_config(cfg.qat)  # the run's one spec: prepare, convert and the packed size read it
     if method == "static":
-        spec = qat.spec_from_config(cfg.qat)
         prepared = qat.prepare_ptq(copy.deepcopy(fp32_model).cpu().eval(), spec, d.example_inputs())
         qat.calibrate(prepared, calibration_loader(cfg), forward_fn=lambda m, b: m(b["xyz"], b["feats"]),
                       max_batches=cfg.qat.calib_batches)
-        return quantized_run_metrics(cfg, d, method="static", prepared=prepared, fp32_model=fp32_model,
+        return quantized_run_metrics(cfg, d, method="static", spec=spec, prepared=prepared, fp32_model=fp32_model,
                                      run_dir=run_dir, fp32_reference=fp32_reference)
     if method not in ("qat", "kd_qat"):
         raise ConfigError(f"method={method}: use one of {', '.join(METHODS)} or compare")
-    prepared = pipeline.prepare_student(fp32_model, cfg, d).to(device)
+    prepared = pipeline.prepare_student(fp32_model, spec, d).to(device)
     schedule = qat.QuantSchedule.from_config(cfg.qat)
     alpha = cfg.distill.alpha if method == "kd_qat" else 0.0
     frozen = FrozenTeacher(copy.deepcopy(teacher).to(device)) if alpha > 0 else None
@@ -89,12 +89,12 @@ def quantize(
     engine = pipeline.run_engine(prepared, cfg, d, epochs=cfg.train.epochs, lr=cfg.optim.lr * cfg.optim.qat_lr_scale,
                                  warmup_epochs=cfg.sched.warmup_epochs,
                                  phase="student", run_dir=run_dir, logger=logger, device=device, teacher=frozen,
-                          alpha=alpha, hooks=hooks, tag="fakequant")
+                                 alpha=alpha, hooks=hooks, tag="fakequant")
     sync_observers(prepared)  # after the last step already; again here, so conversion never depends on it
     distributed.check_ranks_agree(prepared, "prepared student")
     if not distributed.is_main():
         return None
-    return quantized_run_metrics(cfg, d, method=method, prepared=prepared.cpu(), schedule=schedule,
+    return quantized_run_metrics(cfg, d, method=method, spec=spec, prepared=prepared.cpu(), schedule=schedule,
                                  fp32_model=fp32_model, teacher=teacher if alpha > 0 else None, run_dir=run_dir,
                                  history=engine.history, fp32_reference=fp32_reference)
 
@@ -104,6 +104,7 @@ def quantized_run_metrics(
     d: pipeline.Data,
     *,
     method: str,
+    spec: qat.QConfigSpec,
     prepared: nn.Module,
     fp32_model: nn.Module,
     run_dir: Path,
@@ -119,7 +120,6 @@ def quantized_run_metrics(
     """
     metrics = reference_figures(cfg, d, method=method, prepared=prepared, fp32_model=fp32_model, teacher=teacher,
                                 schedule=schedule, fp32_reference=fp32_reference)
-    spec = qat.spec_from_config(cfg.qat)
     deployed = qat.deploy(prepared, spec, run_dir, artifact_sidecar(cfg, d, method, spec),
                           example_inputs=lambda batch: random_clouds(batch, d.num_points, d.in_channels,
                                                                      torch.Generator().manual_seed(batch)),

@@ -29,3 +29,21 @@ def test_an_artifact_setting_that_cannot_be_honoured_is_one_line(overrides, line
         validate_config(composed(*overrides))
     validate_config(composed("artifact=auto", *overrides[1:]))  # control: the rest of the config is fine
 
+
+
+def test_overwrite_removes_everything_the_earlier_run_left_artifact_included(tmp_path):
+    from runtime.rundir import RunDirectory
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    left = ["config.yaml", "metrics.json", "log.jsonl", "student/last.pt", "model_int8.pt", "model_int8.json",
+            "model_int8_kdqat_C.so"]
+    for name in left:
+        (run / name).write_text("earlier run")
+    (run / "notes.txt").write_text("the user's")  # not the run's: kept
+    cfg = composed("overwrite=true")
+    owner = RunDirectory.open(run, cfg, resume=False)
+    owner.write_config(cfg)
+    owner.close()
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["config.yaml", "notes.txt"]
+    assert (run / "config.yaml").read_text() != "earlier run"

@@ -207,12 +207,12 @@ def load_qat(path: Path, ckpt: dict[str, Any], state: dict[str, torch.Tensor], c
     """
     source, run_cfg = find_run_config(path, cfg, ckpt)
     try:
-        qat.spec_from_config(run_cfg.qat)
+        spec = qat.spec_from_config(run_cfg.qat)
     except FileNotFoundError as err:
         raise ConfigError(f"{source}: qat.qconfig not found ({err}); run from the directory the run was started "
                             "in, or pass run_config= with an absolute qat.qconfig") from None
     student = pipeline.build_model(run_cfg.model.name, run_cfg.model.width, run_cfg, d)
-    prepared = pipeline.prepare_student(student, run_cfg, d)
+    prepared = pipeline.prepare_student(student, spec, d)
     try:
         prepared.load_state_dict(state)
     except RuntimeError as err:
