@@ -4,11 +4,17 @@ and deployment (convert → export → reload → verify, `qat/deploy.py`).
 `prepare_qat`, `prepare_ptq`, `convert`, the schedule's toggles and the reports come from
 `qat/backend.py`, which forwards each call to `qat/fx.py` (FX/fbgemm, the default) or
 `qat/pt2e.py` (torchao PT2E) by `spec.backend` or by the prepared model, so callers never name a
-backend. `build_qconfig_mapping` is FX's alone (a `QConfigMapping` has no PT2E meaning).
+backend; so do the artifact's `export_int8` / `load_int8` / `inference_runner` and its sidecar
+helpers. Tools import `qat` only; the search's own API is `qat.search`, `qat.mixed` and
+`qat.sensitivity`. `build_qconfig_mapping` is FX's alone (a `QConfigMapping` has no PT2E meaning).
 """
 from . import backend
 from .backend import (
+    ARTIFACT_SUFFIXES,
     bn_frozen,
+    export_int8,
+    inference_runner,
+    load_int8,
     convert,
     fake_quant_modules,
     fake_quant_owners,
@@ -24,11 +30,20 @@ from .backend import (
     weighted_layer_names,
 )
 from .deploy import Deployed, deploy, load_deployed
-from .export import artifact_mode
+from .export import artifact_mode, file_size_mb, packed_size_mb, read_checked_sidecar, read_sidecar, sidecar_path
 from .fx import build_qconfig_mapping
 from .ptq import calibrate
 from .schedule import QuantSchedule, group_stages, stage_key
-from .spec import LayerChoice, QConfigSpec, SpecError, load_spec, save_spec, spec_from_config
+from .spec import (
+    FX_BACKENDS,
+    PT2E_BACKENDS,
+    LayerChoice,
+    QConfigSpec,
+    SpecError,
+    load_spec,
+    save_spec,
+    spec_from_config,
+)
 
 __all__ = [
     "backend",
@@ -60,5 +75,16 @@ __all__ = [
     "Deployed",
     "deploy",
     "artifact_mode",
+    "ARTIFACT_SUFFIXES",
+    "export_int8",
+    "load_int8",
+    "inference_runner",
+    "read_sidecar",
+    "read_checked_sidecar",
+    "sidecar_path",
+    "file_size_mb",
+    "packed_size_mb",
+    "FX_BACKENDS",
+    "PT2E_BACKENDS",
     "load_deployed",
 ]

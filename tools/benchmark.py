@@ -42,13 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.fx.experimental.optimization import fuse as fold_bn
 
 import qat
-from qat import backend
-from qat.spec import FX_BACKENDS, PT2E_BACKENDS
 from distill import DistillationLoss, FrozenTeacher
 from models import _kernels, create_model, load_checkpoint
 from models._precomputed import NeighbourIndices, PrecomputedPointNeXt
 from models.neighbors import NeighborhoodMemo, shared_neighborhoods
-from qat.export import export_int8, file_size_mb, load_int8
 from runtime import pipeline
 from runtime.config import validate_config
 from runtime.exits import hydra_entry, main_guard
@@ -104,16 +101,17 @@ def build_paths(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], torch.fx.G
     if cfg.pretrained:
         load_checkpoint(fp32, cfg.pretrained)
     example = random_clouds(2, cfg.bench.points)
-    prepared = qat.prepare_ptq(copy.deepcopy(fp32), _spec_for(cfg, FX_BACKENDS), example)
+    prepared = qat.prepare_ptq(copy.deepcopy(fp32), _spec_for(cfg, qat.FX_BACKENDS), example)
     qat.calibrate(prepared, calibration_clouds(cfg))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     converted = qat.convert(prepared)
     sidecar = {"num_points": cfg.bench.points, "note": "benchmark, random weights"}
     mode = qat.artifact_mode(cfg.artifact)
     paths = {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32),
-             "int8": load_int8(export_int8(converted, run_dir / "model_int8.pt", sidecar, mode))}
+             "int8": qat.load_int8(qat.export_int8(converted, run_dir / "model_int8.pt", sidecar, None, mode))}
     if mode == "kernels":
-        paths["int8_portable"] = load_int8(export_int8(converted, run_dir / "model_int8_portable.pt", sidecar))
+        portable = qat.export_int8(converted, run_dir / "model_int8_portable.pt", sidecar, None)
+        paths["int8_portable"] = qat.load_int8(portable)
     return paths, converted
 
 
@@ -128,7 +126,7 @@ def pt2e_path(cfg: DictConfig, fp32: torch.nn.Module, run_dir: Path) -> tuple[ob
     try:
         import torchao  # noqa: F401
 
-        spec = _spec_for(cfg, PT2E_BACKENDS)
+        spec = _spec_for(cfg, qat.PT2E_BACKENDS)
     except ImportError as error:
         print(f"note: PT2E int8 row skipped ({error}); the pinned requirements install torchao")
         return None
@@ -138,12 +136,12 @@ def pt2e_path(cfg: DictConfig, fp32: torch.nn.Module, run_dir: Path) -> tuple[ob
     prepared = qat.prepare_ptq(copy.deepcopy(fp32), spec, random_clouds(2, cfg.bench.points))
     qat.calibrate(prepared, calibration_clouds(cfg))
     int8 = qat.convert(prepared)
-    path = backend.export_int8(int8, run_dir / "model_int8_pt2e.pt2",
+    path = qat.export_int8(int8, run_dir / "model_int8_pt2e.pt2",
                                {"num_points": cfg.bench.points, "note": "benchmark, random weights"},
                                random_clouds(2, cfg.bench.points))
-    runner, compile_s = backend.inference_runner(
-        backend.load_int8(path), [random_clouds(b, cfg.bench.points) for b in cfg.bench.batch_sizes])
-    return runner, {"compile_s": compile_s, "size_mb": file_size_mb(path),
+    runner, compile_s = qat.inference_runner(
+        qat.load_int8(path), [random_clouds(b, cfg.bench.points) for b in cfg.bench.batch_sizes])
+    return runner, {"compile_s": compile_s, "size_mb": qat.file_size_mb(path),
                     "quantized_ops": qat.quantized_op_count(int8)}
 
 
@@ -495,7 +493,7 @@ def run(cfg: DictConfig) -> None:
     with torch_threads(cfg.bench.threads):
         paths, int8_fx = build_paths(cfg)
         result["size_mb"] = {"fp32_state_dict": pipeline.state_dict_size_mb(paths["fp32_eager"]),
-                             "int8_artifact": file_size_mb(run_dir / "model_int8.pt")}
+                             "int8_artifact": qat.file_size_mb(run_dir / "model_int8.pt")}
         result["size_mb"]["int8_over_fp32"] = result["size_mb"]["int8_artifact"] / result["size_mb"]["fp32_state_dict"]
         reference = openpoints_reference(cfg) if cfg.bench.openpoints_reference else None
         timed = dict(paths) if reference is None else {**paths, "openpoints_fp32": reference}

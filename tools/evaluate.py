@@ -38,9 +38,7 @@ import qat
 from distill import seed_everything
 from models import CheckpointError, load_checkpoint, read_checkpoint
 from models.checkpoint import extract_state_dict
-from qat import backend
 from data.validate import require_file
-from qat.export import read_checked_sidecar, read_sidecar, sidecar_path
 from runtime import pipeline
 from runtime.config import ConfigError, pick_device
 from runtime.exits import hydra_entry, main_guard
@@ -96,7 +94,7 @@ def run(cfg: DictConfig) -> None:
         print(f"{name:<{width}}  {'-' if math.isnan(acc) else f'{acc:.2f}':>7}  {count:>6}")
     pipeline.write_json(run_dir / "eval.json", {
         "checkpoint": str(path.resolve()), "kind": kind, "dataset": cfg.dataset.name, "split": cfg.split,
-        "backend": read_sidecar(path).get("backend") if kind == "int8" else None,
+        "backend": qat.read_sidecar(path).get("backend") if kind == "int8" else None,
         "num_points": d.num_points, "num_clouds": len(d.test), "oa": result["oa"], "macc": result["macc"],
         "class_names": names,
         "per_class_acc": [None if math.isnan(a) else a for a in result["per_class"]],  # None: class absent
@@ -124,14 +122,14 @@ def split_data(cfg: DictConfig) -> pipeline.Data:
 
 def load_model(path: Path, cfg: DictConfig, d: pipeline.Data) -> tuple[str, Any]:
     """('int8' | 'qat' | 'fp32', the model in eval mode) for the file at `path`."""
-    if sidecar_path(path).is_file():
+    if qat.sidecar_path(path).is_file():
         return "int8", load_artifact(path, d, cfg.pt2_compile)
-    if path.suffix == backend.ARTIFACT_SUFFIXES["pt2e"]:
+    if path.suffix == qat.ARTIFACT_SUFFIXES["pt2e"]:
         raise CheckpointError(f"checkpoint {path} is a PT2E int8 artifact without its sidecar "
-                              f"{sidecar_path(path).name}; copy that file from the run directory next to it")
+                              f"{qat.sidecar_path(path).name}; copy that file from the run directory next to it")
     if _is_torchscript(path):
         raise CheckpointError(f"checkpoint {path} is a TorchScript archive without its sidecar "
-                              f"{sidecar_path(path).name}; copy that file from the run directory next to it")
+                              f"{qat.sidecar_path(path).name}; copy that file from the run directory next to it")
     ckpt = read_checkpoint(path)  # weights_only=True
     state = extract_state_dict(ckpt, path)
     if any(key.endswith("fake_quant_enabled") for key in state):  # a FakeQuantize's flag: FX-prepared student
@@ -157,11 +155,11 @@ def load_artifact(path: Path, d: pipeline.Data, compile_pt2: bool = True) -> Any
     reference int8 graph (quantize/dequantize around float ops), slower, and equal to the
     compiled model up to float rounding.
     """
-    sidecar = read_checked_sidecar(path)
+    sidecar = qat.read_checked_sidecar(path)
     expected = {"in_channels": d.in_channels, "class_names": list(d.test.class_names)}
     for key, value in expected.items():
         if sidecar.get(key) != value:
-            raise ConfigError(f"{sidecar_path(path)}: {key} {sidecar.get(key)} differs from the dataset's {value}; "
+            raise ConfigError(f"{qat.sidecar_path(path)}: {key} {sidecar.get(key)} differs from the dataset's {value}; "
                                 "evaluate on the dataset the artifact was trained for (dataset=..., its keys)")
     if sidecar.get("num_points") != d.num_points:
         print(f"note: the artifact was measured on {sidecar.get('num_points')} points, this split has {d.num_points} "

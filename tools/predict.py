@@ -37,14 +37,14 @@ from typing import Any
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import torch
+
+import qat
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.files import list_inputs, prepare_file
 from data.transforms import AugmentConfig, build_transforms
 from data.validate import DataError, require_file
-from qat import backend
-from qat.export import read_checked_sidecar, sidecar_path
 from runtime.exits import EXIT_USER, main_guard
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "predict.yaml"
@@ -105,22 +105,22 @@ def load_artifact(path: Path, compile_pt2: bool = False) -> tuple[Any, dict]:
     checked for the keys prediction needs."""
     if not path.exists():
         raise DataError(f"artifact={path}: no such file; pass the model_int8.pt (or .pt2) of a run directory")
-    if not sidecar_path(path).exists():
-        raise DataError(f"artifact={path}: no sidecar {sidecar_path(path).name} beside it; "
+    if not qat.sidecar_path(path).exists():
+        raise DataError(f"artifact={path}: no sidecar {qat.sidecar_path(path).name} beside it; "
                         "copy it from the run directory")
-    for file in (path, sidecar_path(path)):  # a FIFO or device would block the read: refused first
+    for file in (path, qat.sidecar_path(path)):  # a FIFO or device would block the read: refused first
         require_file(file, "pass the model_int8.pt (or .pt2) of a run directory")
-    info = read_checked_sidecar(path)  # types and ranges of what prediction uses
+    info = qat.read_checked_sidecar(path)  # types and ranges of what prediction uses
     try:
-        loaded = backend.load_int8(path)
+        loaded = qat.load_int8(path)
     except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
         raise DataError(f"artifact={path}: loading a PT2E program needs torchao ({err}); "
                         "install the project's pinned requirements") from None
     except (RuntimeError, ValueError, KeyError) as err:
-        kind = "PT2E program" if path.suffix == backend.ARTIFACT_SUFFIXES["pt2e"] else "TorchScript file"
+        kind = "PT2E program" if path.suffix == qat.ARTIFACT_SUFFIXES["pt2e"] else "TorchScript file"
         raise DataError(f"artifact={path}: not a loadable {kind} ({str(err).splitlines()[0]}); "
                         f"copy {path.name} again from the run directory") from None
-    return (backend.inference_runner(loaded)[0] if compile_pt2 else loaded), info
+    return (qat.inference_runner(loaded)[0] if compile_pt2 else loaded), info
 
 
 # ---- the prediction ----------------------------------------------------------------------------

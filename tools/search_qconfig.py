@@ -47,7 +47,6 @@ import qat
 from distill import seed_everything
 from models import neighbors
 from qat.search import Budget, Candidate, SearchResult, greedy_search, serialized_size_mb
-from qat.export import packed_size_mb
 from qat.mixed import FP32_BITS, bits_sensitivity, choose, evaluate, greedy_path
 from qat.mixed import packed_like_mb, parse_widths
 from qat.sensitivity import PTQProxy, Sensitivity, analyse, option_choice
@@ -294,7 +293,7 @@ def run_bits(cfg: DictConfig, run_dir: Path, d: pipeline.Data, fp32: torch.nn.Mo
     def held_out(model: torch.nn.Module) -> dict[str, float]:
         return report_metrics(model, report, d.num_classes, reuse, memo)
 
-    fp32_entry = {"label": "FP32", **proxy.fp32.to_dict(), "packed_mb": packed_size_mb(fp32, None),
+    fp32_entry = {"label": "FP32", **proxy.fp32.to_dict(), "packed_mb": qat.packed_size_mb(fp32, None),
                   "report": held_out(fp32)}
     evaluated = [{**c.to_dict(), "chosen": c is best, "report": held_out(c.int8)} for c in candidates]
     calib, select = batches
