@@ -39,8 +39,8 @@ from models import CheckpointError, _kernels
 
 from .spec import QConfigSpec
 
-__all__ = ["MODES", "artifact_mode", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar", "write_sidecar",
-           "sidecar_path", "file_size_mb", "packed_size_mb"]
+__all__ = ["MODES", "artifact_mode", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar",
+           "write_sidecar", "sidecar_path", "file_size_mb", "packed_size_mb"]
 
 
 @contextlib.contextmanager
@@ -150,11 +150,11 @@ def load_kernels(path: str | Path) -> None:
 
 
 def _kernel_ops_registered() -> bool:
+    """Whether every op a kernels-mode artifact may call is registered in this process."""
     try:
-        torch.ops.kdqat_C.furthest_point_sample
+        return all(hasattr(torch.ops.kdqat_C, op) for op in _kernels.OPS)
     except (AttributeError, RuntimeError):
         return False
-    return True
 
 
 def load_int8(path: str | Path) -> torch.jit.ScriptModule:
