@@ -82,7 +82,7 @@ from torch.fx import GraphModule
 
 from models import neighbors
 
-from .spec import LayerChoice, QConfigSpec, SpecError, activation_range, check_names, covers, weight_range
+from .spec import LayerChoice, QConfigSpec, SpecError, activation_range, layer_assignments, weight_range
 
 __all__ = [
     "build_qconfig_mapping",
@@ -110,7 +110,6 @@ _OBSERVER_CLASSES = {
     "minmax": MinMaxObserver,
     "histogram": HistogramObserver,
 }
-_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Linear": nn.Linear}
 
 
 @contextlib.contextmanager
@@ -188,23 +187,17 @@ def build_qconfig_mapping(spec: QConfigSpec, qat: bool, model: nn.Module | None 
     Raises:
         SpecError: A named module does not exist, or type overrides without a model.
     """
-    if model is not None:
-        check_names(spec, model)
-    elif spec.type_overrides:
+    if model is None and spec.type_overrides:
         raise SpecError("type_overrides need the model to resolve; pass model= to build_qconfig_mapping")
     default = get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping
     mapping = default(spec.backend)
     mapping.set_global(_qconfig(spec, None, qat))
-    explicit = [*spec.keep_fp32, *spec.module_overrides]
-    if spec.type_overrides:
-        for name, module in model.named_modules():
-            choice = spec.type_overrides.get(type(module).__name__)
-            if choice is not None and type(module) is _TYPES[type(module).__name__] and not covers(name, explicit):
-                mapping.set_module_name(name, _qconfig(spec, choice, qat))
-    for name, choice in spec.module_overrides.items():
-        mapping.set_module_name(name, _qconfig(spec, choice, qat))
-    for name in spec.keep_fp32:
-        mapping.set_module_name(name, None)
+    if model is None:  # names unchecked: module overrides and keep_fp32 as written
+        pairs = [*spec.module_overrides.items(), *((name, None) for name in spec.keep_fp32)]
+    else:
+        pairs = layer_assignments(spec, model)
+    for name, choice in pairs:
+        mapping.set_module_name(name, None if choice is None else _qconfig(spec, choice, qat))
     return mapping
 
 

@@ -59,7 +59,7 @@ from models import neighbor_ops
 
 from .export import file_size_mb, write_sidecar
 from .fx import set_fake_quant, set_observer  # torch.ao's fake-quant interface, which torchao's modules share
-from .spec import PT2E_BACKENDS, LayerChoice, QConfigSpec, SpecError, check_names, covers
+from .spec import PT2E_BACKENDS, LayerChoice, QConfigSpec, SpecError, covers, layer_assignments
 
 __all__ = [
     "is_pt2e_model",
@@ -86,7 +86,6 @@ __all__ = [
 _MARK = "kdqat_backend"  # GraphModule.meta key: this module prepared (or converted) the graph
 _BN_FROZEN = "kdqat_bn_frozen"
 _WEIGHTED_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.linear.default")
-_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Linear": nn.Linear}
 _MAX_BATCH = 4096
 
 
@@ -166,16 +165,10 @@ def _quantizer(spec: QConfigSpec, model: nn.Module, qat: bool) -> Any:
     """`X86InductorQuantizer` for the spec; type overrides resolved to module names as in qat/fx.py."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-    check_names(spec, model)  # the same model-level checks as qat/fx.py: both accept the same specs
     modules = dict(model.named_modules())
-    explicit = [*spec.keep_fp32, *spec.module_overrides]
-    entries: list[tuple[str, Any]] = []  # (name as written or resolved, config); None keeps FP32
-    for name, module in model.named_modules():
-        choice = spec.type_overrides.get(type(module).__name__)
-        if choice is not None and type(module) is _TYPES[type(module).__name__] and not covers(name, explicit):
-            entries.append((name, _quantization_config(spec, choice, qat)))
-    entries += [(name, _quantization_config(spec, c, qat)) for name, c in spec.module_overrides.items()]
-    entries += [(name, None) for name in spec.keep_fp32]
+    # (name as written or resolved, config; None keeps FP32): the same resolution and checks as qat/fx.py
+    entries = [(name, None if choice is None else _quantization_config(spec, choice, qat))
+               for name, choice in layer_assignments(spec, model)]
     # The quantizer annotates a pattern with the first name (in insertion order) that covers it:
     # deepest names (as written) first, so the longest name wins, as in qat/fx.py.
     per_name: dict[str, Any] = {}

@@ -5,8 +5,9 @@ configuration chosen by hand or by the per-layer search is a YAML file: reviewab
 reusable with `train_kd_qat.py qat.qconfig=PATH`. This module knows nothing of
 `torch.ao.quantization`; it names choices (`'per_channel'`, `'histogram'`) and validates them
 once, in `__post_init__`, with errors that say how to fix the value. Checks of a spec against a
-model's module names (`check_names`, `covers`, `weighted_layer_names`) live here too: both
-backends run them, so both accept exactly the same specs.
+model's module names (`check_names`, `covers`, `weighted_layer_names`) and the resolution of
+its entries to module names (`layer_assignments`) live here too: both backends use them, so both
+accept exactly the same specs and quantize the same layers alike.
 
 The file format is the dict of `QConfigSpec.to_dict()`, e.g.::
 
@@ -58,6 +59,7 @@ __all__ = [
     "covers",
     "weighted_layer_names",
     "check_names",
+    "layer_assignments",
 ]
 
 # FX backends: `convert_fx` lowering for x86 CPUs; both use 8-bit weights and the same
@@ -387,6 +389,7 @@ def spec_from_config(cfg: Mapping[str, Any]) -> QConfigSpec:
 
 # ---- the spec against a model: the same checks for every backend --------------------------------
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_OVERRIDABLE = {name: getattr(nn, name) for name in OVERRIDE_TYPES}  # the classes `type_overrides` may name
 
 
 def covers(name: str, names: Sequence[str]) -> bool:
@@ -397,6 +400,26 @@ def covers(name: str, names: Sequence[str]) -> bool:
 def weighted_layer_names(model: nn.Module) -> list[str]:
     """Names of the conv/linear modules of a float model: the units a spec can name and quantize."""
     return [name for name, module in model.named_modules() if isinstance(module, _WEIGHTED)]
+
+
+def layer_assignments(spec: QConfigSpec, model: nn.Module) -> list[tuple[str, LayerChoice | None]]:
+    """The spec's per-module entries as (module name, choice) pairs, `None` meaning "keep FP32", in the
+    order every backend applies them: type overrides resolved to the modules of exactly that type
+    (a subclass, e.g. a fused or QAT module, is not the type the spec names) and skipped where a
+    module name already covers them, then module overrides, then `keep_fp32`. The global choice
+    is not in the list. One resolution for FX and PT2E, so both quantize the same layers alike."""
+    check_names(spec, model)
+    explicit = [*spec.keep_fp32, *spec.module_overrides]
+    pairs: list[tuple[str, LayerChoice | None]] = []
+    if spec.type_overrides:
+        for name, module in model.named_modules():
+            kind = type(module).__name__
+            choice = spec.type_overrides.get(kind)
+            if choice is not None and type(module) is _OVERRIDABLE[kind] and not covers(name, explicit):
+                pairs.append((name, choice))
+    pairs += list(spec.module_overrides.items())
+    pairs += [(name, None) for name in spec.keep_fp32]
+    return pairs
 
 
 def check_names(spec: QConfigSpec, model: nn.Module) -> None:

@@ -193,3 +193,27 @@ def test_spec_resolve_follows_the_mapping_precedence():
     assert spec.resolve("head.0", "Linear").weight_bits == 8  # a name wins over the type
     assert spec.resolve("tail", "Linear").weight_bits == 6
     assert spec.resolve("tail", "Conv2d").weight_bits == 4
+
+
+def test_layer_assignments_resolve_type_overrides_to_uncovered_modules_of_exactly_that_type():
+    """The one resolution both backends apply: a Conv2d type override reaches every Conv2d except those
+    a module override or keep_fp32 already names (they come after it and win); module overrides and
+    FP32 layers follow in that order. A QAT or fused subclass of Conv2d is not a Conv2d to the spec."""
+    from qat.spec import layer_assignments
+
+    pairs = layer_assignments(SEARCHED, StandInNet())
+    conv2d = [n for n, m in StandInNet().named_modules() if type(m) is torch.nn.Conv2d]
+    typed = [name for name, choice in pairs if choice == SEARCHED.type_overrides["Conv2d"]]
+    assert typed == [n for n in conv2d if n not in SEARCHED.module_overrides]  # negative control: the named ones
+    assert "encoder.encoder.2.convs.1.0" in conv2d and "encoder.encoder.2.convs.1.0" not in typed
+    tail = pairs[len(typed):]
+    assert tail == [*SEARCHED.module_overrides.items(), ("encoder.encoder.0.0.0", None)]
+
+    class Subclass(torch.nn.Conv2d):
+        pass
+
+    model = StandInNet()
+    plain = model.encoder.encoder[1].convs[1][0]
+    model.encoder.encoder[1].convs[1][0] = Subclass(plain.in_channels, plain.out_channels, plain.kernel_size)
+    assert "encoder.encoder.1.convs.1.0" in typed
+    assert "encoder.encoder.1.convs.1.0" not in [n for n, _ in layer_assignments(SEARCHED, model)]
