@@ -106,3 +106,26 @@ def test_deploy_with_kernels_ships_their_library_and_runs_like_the_portable_file
     assert set(kernels_files) - set(portable_files) == {"model_int8_kdqat_C.so"}  # the library travels with it
     assert read_sidecar(kernels.artifact)["load"] == "torch.ops.load_library('model_int8_kdqat_C.so')"
     assert torch.equal(kernels.verified, portable.verified)  # same logits, bit for bit
+
+
+def test_an_artifact_is_a_function_of_the_model_alone(calibrated, tmp_path):
+    """Saving writes the same bytes every time: torch draws a random `serialization_id` on each save
+    (the control below), the artifact's is a hash of its content. And the artifact holds no dropout,
+    whose scripted constants come in the order of Python's per-process string hashes (another
+    process would write them in another order; tests/test_tools_reruns.py compares across processes)."""
+    from qat.export import _save_compact, _torchscript_warnings_silenced, _without_dropout
+
+    _, _, prepared = calibrated
+    int8 = qat.convert(prepared)
+    with _torchscript_warnings_silenced():
+        scripted = torch.jit.script(_without_dropout(int8))
+    for name in "ab":
+        _save_compact(scripted, str(tmp_path / f"{name}.pt"))
+        torch.jit.save(scripted, str(tmp_path / f"{name}_plain.pt"))
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert (tmp_path / "a_plain.pt").read_bytes() != (tmp_path / "b_plain.pt").read_bytes()  # torch's own save
+    assert any(isinstance(m, torch.nn.Dropout) for m in int8.modules())  # control: there was one to remove
+    artifact = qat.export_int8(int8, tmp_path / "model_int8.pt", {}, clouds(2))
+    with zipfile.ZipFile(artifact) as archive:
+        code = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith(".py"))
+    assert "dropout" not in code.lower()
