@@ -23,10 +23,13 @@ import os
 import runpy
 import sys
 import threading
-import traceback
 
 THIRD_PARTY = ("numpy", "torch", "torchvision", "timm", "hydra", "omegaconf", "h5py", "yaml", "einops", "tqdm",
                "wandb")
+
+
+# The server starts with no locale variables, so an LC_CTYPE it has is the interpreter's C-locale coercion.
+COERCED_CTYPE = os.environ.get("LC_CTYPE")
 
 
 def _preload() -> str:
@@ -62,6 +65,9 @@ def _child(request: dict, threads: int) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    ctype = os.environ.get("LC_CTYPE") or os.environ.get("LANG") or "C"
+    if COERCED_CTYPE and "LC_ALL" not in os.environ and ctype in ("C", "POSIX"):
+        os.environ["LC_CTYPE"] = COERCED_CTYPE  # what a fresh interpreter adds (PEP 538 locale coercion)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
@@ -77,8 +83,11 @@ def _child(request: dict, threads: int) -> int:
         code = 0
     except SystemExit as exit:
         code = _exit_code(exit)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as err:  # the traceback from the script's own frames on, as the interpreter prints it
+        tb = err.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != script:
+            tb = tb.tb_next
+        sys.excepthook(type(err), err.with_traceback(tb or err.__traceback__), tb or err.__traceback__)
         code = 1
     threading._shutdown()  # what interpreter exit does: wait for the non-daemon threads, then run atexit
     atexit._run_exitfuncs()
