@@ -60,12 +60,15 @@ def tool_env(workdir: Path, threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def run_tool(tool: str, workdir: Path, *args: str, check: bool = True, threads: int | None = None,
+def run_tool(tool: str, workdir: Path, *args: str, check: bool = True, threads: int | None = 1,
              timeout: int = 600, fresh: bool = False) -> subprocess.CompletedProcess:
     """Run `tools/<tool>` with `args` in `workdir`; with `check`, a failure raises with the end of its stderr.
 
     The run is a process of its own with the sealed `tool_env`, its output captured as by
-    `subprocess.run`; `fresh`: see `run_script`.
+    `subprocess.run`; `fresh`: see `run_script`. `threads` (OMP_NUM_THREADS) is 1 by default, as
+    for the test workers themselves (tests/conftest.py): beside the other worker on two cores, a
+    second OpenMP thread only spins; a TINY run took 80-90 s with two threads, 12-19 s with one
+    (both under load). None leaves torch's default. Latency figures use `bench.threads` either way.
     """
     proc = run_script(ROOT / "tools" / tool, workdir, *args, env=tool_env(workdir, threads), timeout=timeout,
                       fresh=fresh)
