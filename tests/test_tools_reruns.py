@@ -41,7 +41,8 @@ def comparable(metrics: Any) -> Any:
 def train(workdir: Path, name: str, *extra: str) -> dict[str, Any]:
     run_dir = workdir / name
     workdir.mkdir(exist_ok=True)
-    run_tool("train_kd_qat.py", workdir, *LEARNS, *extra, f"hydra.run.dir={run_dir}", threads=1)
+    # fresh interpreters: identical reruns are a property of separate processes (own hash seed, own torch state)
+    run_tool("train_kd_qat.py", workdir, *LEARNS, *extra, f"hydra.run.dir={run_dir}", threads=1, fresh=True)
     return json.loads((run_dir / "metrics.json").read_text())
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from _tools import ROOT, TINY, TINY_CLASSES, TINY_TEST_PER_CLASS, TINY_VAL_PER_CLASS, run_tool, tool_env
+from _tools import ROOT, TINY, TINY_CLASSES, TINY_TEST_PER_CLASS, TINY_VAL_PER_CLASS, run_script, run_tool, tool_env
 
 # `install(release, log)` patches the dataset; the tool runs under it in a subprocess (GUARD), and the
 # guard's own negative control runs it in-process (test_the_guard_catches_a_test_read).
@@ -58,8 +57,7 @@ def guarded_run(tool: str, workdir: Path, release: str, *args: str) -> subproces
     script = workdir / "guard.py"
     script.write_text(GUARD)
     env = tool_env(workdir, threads=1) | {"GUARD_RELEASE": release, "GUARD_LOG": str(workdir / "released_reads")}
-    return subprocess.run([sys.executable, str(script), str(ROOT / "tools" / tool), *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_script(script, workdir, str(ROOT / "tools" / tool), *args, env=env)
 
 
 @pytest.mark.slow
