@@ -344,12 +344,13 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
         extra = {row_key: [str(r.params[0]) for r in rows], col_key: [str(r.params[1]) for r in rows]}
     parts.append(tables.table_markdown(by_row, columns, batch, compare))
     (out / f"{name}.csv").write_text(tables.table_csv(by_row, columns, extra, compare))
+    latency = (f" Latency: median CPU ms, {_stated(everything, 'threads')} threads, {_stated(everything, 'num_points')} "
+               f"points, end to end (neighbour search included), int8 timed from the reloaded TorchScript artifact; "
+               f"size ratios, speed-ups and ΔOA are against the FP32 model measured in the same run."
+               if any(c.key.startswith("ms_") for c in columns) else "")
     parts.append(
         f"\nCells: mean ± sample std over the seeds that finished; `(n=k/N)`: only k of N runs finished; "
-        f"`{tables.MISSING}`: none did. Latency: median CPU ms, {_stated(everything, 'threads')} threads, "
-        f"{_stated(everything, 'num_points')} points, end to end (neighbour search included), int8 timed from the "
-        f"reloaded TorchScript artifact; size ratios, speed-ups and ΔOA are against the FP32 model measured in the "
-        f"same run.\n\nΔ columns: mean paired difference of OA over the seeds where both runs finished, with a "
+        f"`{tables.MISSING}`: none did.{latency}\n\nΔ columns: mean paired difference of OA over the seeds where both runs finished, with a "
         f"95 % paired t interval over seeds (runtime/tables.py: paired_delta); `*`: the interval excludes zero. "
         f"Δ vs FP32 pairs each run with the FP32 model it quantized (that seed's teacher); Δ vs the compared row "
         f"pairs the two rows' runs of each seed.\n")
