@@ -7,9 +7,13 @@ import csv
 import io
 import json
 import math
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -354,6 +358,42 @@ def test_main_table_end_to_end_on_a_tiny_config(tmp_path):
     assert (out / "quick.md").read_text() == markdown
     collected = run_tool("ablate.py", tmp_path, *args, "collect_only=true")
     assert "finished earlier" not in collected.stdout and (out / "quick.md").read_text() == markdown
+
+
+def run_with_fake_launch(monkeypatch, cfg, seconds: float = 0.05) -> tuple[list[Any], list[Any]]:
+    """run_all with every launch replaced by a sleep; returns (the runs, the start/end events in order)."""
+    events, live, lock = [], [], threading.Lock()
+
+    def fake_launch(cfg, run, seed, threads=None):
+        with lock:
+            live.append((seed, run.name))
+            events.append(("start", seed, run.name, len(live), threads))
+        time.sleep(seconds)
+        with lock:
+            live.remove((seed, run.name))
+            events.append(("end", seed, run.name))
+        return 0, ""
+
+    monkeypatch.setattr(ablate, "launch", fake_launch)
+    runs = ablate.runs_in_order(ablate.table_rows(cfg), cfg.profile)
+    ablate.run_all(cfg, runs)
+    return runs, events
+
+
+def test_jobs_run_that_many_at_a_time_after_each_seeds_teacher_and_search(tmp_path, monkeypatch):
+    """jobs=2: two runs at a time, one thread each on two cores; but a seed's other runs wait for its
+    first run (which trains the seed's teacher into the cache) and a searched row for its search."""
+    runs, events = run_with_fake_launch(monkeypatch, ablate_cfg(tmp_path, "jobs=2"))
+    order = [event[:3] for event in events]
+    starts = [event for event in events if event[0] == "start"]
+    assert sorted(e[1:3] for e in starts) == sorted((s, r.name) for s in (0, 1, 2) for r in runs)  # each once
+    assert max(e[3] for e in starts) == 2 and {e[4] for e in starts} == {max(1, (os.cpu_count() or 1) // 2)}
+    for seed in (0, 1, 2):
+        for run in runs[1:]:
+            assert order.index(("start", seed, run.name)) > order.index(("end", seed, runs[0].name)), (seed, run)
+        assert order.index(("start", seed, "kd_qat_searched")) > order.index(("end", seed, "search"))
+    _, serial = run_with_fake_launch(monkeypatch, ablate_cfg(tmp_path / "serial"), seconds=0)
+    assert {e[3] for e in serial if e[0] == "start"} == {1} and {e[4] for e in serial if e[0] == "start"} == {None}
 
 
 @pytest.mark.slow

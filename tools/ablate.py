@@ -162,8 +162,9 @@ def finished(cfg: DictConfig, run: Run, seed: int) -> bool:
     return tables.read_run_dir(path, seed, expected).status == "ok"
 
 
-def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
-    """Runs one tool in a fresh process and run directory; records the outcome in ablate_status.json."""
+def launch(cfg: DictConfig, run: Run, seed: int, threads: int | None = None) -> tuple[int | None, str]:
+    """Runs one tool in a fresh process and run directory; records the outcome in ablate_status.json.
+    `threads`: the run's OMP_NUM_THREADS (its torch threads) when several runs share the machine."""
     path = run_dir(cfg, run, seed)
     refuse_if_in_use(path)  # a live run there (started by hand or another ablate.py): its PID, nothing removed
     if path.exists():
@@ -180,10 +181,12 @@ def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
     python = cfg.python or sys.executable
     command = [python, str(ROOT / "tools" / run.tool), *overrides, *logging_overrides(cfg, run),
                f"hydra.run.dir={path}"]
-    start = time.monotonic()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    started, start = time.time(), time.monotonic()
     with open(path / "ablate_output.log", "w") as out:
-        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     status.update(returncode=proc.returncode, seconds=round(time.monotonic() - start, 1), command=command,
+                  started=round(started, 1), ended=round(time.time(), 1), parallel_runs=cfg.jobs,
                   reason="" if proc.returncode == 0 else failure_reason((path / "ablate_output.log").read_text(),
                                                                          proc.returncode))
     write_json(path / tables.STATUS_FILE, status)
@@ -239,8 +242,8 @@ def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, s
 
 
 def run_all(cfg: DictConfig, runs: list[Run]) -> None:
-    """Every (seed, run) that has not finished: seed by seed (so early seeds complete first), or with
-    `launcher=` one hydra multirun per row over its unfinished seeds."""
+    """Every (seed, run) that has not finished: `jobs` at a time on this machine, or with `launcher=`
+    one hydra multirun per row over its unfinished seeds."""
     if cfg.launcher:
         for i, run in enumerate(runs, 1):
             seeds = [s for s in cfg.seeds if cfg.rerun or not finished(cfg, run, s)]
@@ -252,16 +255,56 @@ def run_all(cfg: DictConfig, runs: list[Run]) -> None:
                 print(f"{where}: finished earlier, kept", flush=True)
         return
     todo = [(seed, run) for seed in cfg.seeds for run in runs]
+    pending = []
     for i, (seed, run) in enumerate(todo, 1):
-        where = f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}"
         if not cfg.rerun and finished(cfg, run, seed):
-            print(f"{where}: finished earlier, kept", flush=True)
-            continue
-        print(f"{where}: {run.tool} {' '.join(run_overrides(cfg, run, seed))}", flush=True)
-        start = time.monotonic()
-        code, reason = launch(cfg, run, seed)
-        outcome = "ok" if code == 0 else f"FAILED ({reason})"
-        print(f"{where}: {outcome} in {time.monotonic() - start:.0f} s", flush=True)
+            print(f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}: finished earlier, kept", flush=True)
+        else:
+            pending.append((i, seed, run))
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
+    in_order(pending, lambda seed, run: prerequisites(runs, seed, run), cfg.jobs,
+             lambda i, seed, run: launch_logged(cfg, run, seed, f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}",
+                                                threads))
+
+
+def prerequisites(runs: list[Run], seed: int, run: Run) -> list[tuple[int, Run]]:
+    """What must end before (seed, run) starts: the seed's first run, which trains the seed's teacher
+    into the cache (started beside it, a second run would train the same teacher again), and the
+    seed's qconfig search for a searched row. A prerequisite that failed does not block: the run
+    then trains its own teacher, or records that its search is missing."""
+    needed = [(seed, runs[0])] if run != runs[0] else []
+    if run.search:
+        needed += [(seed, r) for r in runs if r.name == SEARCH and r != runs[0]]
+    return needed
+
+
+def in_order(pending: list, needs, jobs: int, start) -> None:
+    """Calls `start(*item)` for every item of `pending`, at most `jobs` at a time, each once every item
+    `needs(*item[1:])` names that is still pending has returned; earlier items first (seed by seed, so
+    early seeds complete first)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    waiting, running = list(pending), {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while waiting or running:
+            unfinished = {tuple(item[1:]) for item in [*waiting, *running.values()]}
+            for item in [item for item in waiting if not set(needs(*item[1:])) & unfinished][:jobs - len(running)]:
+                waiting.remove(item)
+                running[pool.submit(start, *item)] = item
+            if not running:
+                raise AblateError(f"runs wait on each other: {[item[1:] for item in waiting]}")  # a bug in `needs`
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                running.pop(future)
+                future.result()  # a bug in start() surfaces here instead of being dropped
+
+
+def launch_logged(cfg: DictConfig, run: Run, seed: int, where: str, threads: int | None) -> None:
+    print(f"{where}: {run.tool} {' '.join(run_overrides(cfg, run, seed))}", flush=True)
+    start = time.monotonic()
+    code, reason = launch(cfg, run, seed, threads)
+    outcome = "ok" if code == 0 else f"FAILED ({reason})"
+    print(f"{where}: {outcome} in {time.monotonic() - start:.0f} s", flush=True)
 
 
 # ---- collecting ------------------------------------------------------------------------------------
@@ -369,16 +412,33 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
                 if records[(row.run.name, s)].status != "ok"]
     if problems:
         parts += ["\nMissing or failed runs (not in any mean):\n", *dict.fromkeys(problems)]
-    seconds = [(tables.read_json(run_dir(cfg, run, s) / tables.STATUS_FILE) or {}).get("seconds")
-               for run in runs_in_order(rows, cfg.profile, search_preset(cfg), table_overrides(cfg)) for s in cfg.seeds]
-    if any(seconds):
-        parts.append(f"\nWall clock of the runs launched by tools/ablate.py (from their {tables.STATUS_FILE}): "
-                     f"{sum(x for x in seconds if x) / 60:.1f} min over {sum(1 for x in seconds if x)} runs.\n")
+    statuses = [tables.read_json(run_dir(cfg, run, s) / tables.STATUS_FILE) or {}
+                for run in runs_in_order(rows, cfg.profile, search_preset(cfg), table_overrides(cfg)) for s in cfg.seeds]
+    parts.append(run_time_note(statuses))
     parts.append(f"\nRuns: `runs/{cfg.profile}/<row>/seed<S>/` (next to this file). Rebuilt by "
                  f"`python tools/ablate.py table={cfg.table} profile={cfg.profile} "
                  f"seeds=[{','.join(map(str, cfg.seeds))}] collect_only=true`.\n")
     (out / f"{name}.md").write_text("\n".join(parts))
     return out / f"{name}.md"
+
+
+def run_time_note(statuses: list[dict]) -> str:
+    """How long the runs took, from their status files: summed run time, and the span from the first
+    start to the last end (the table's wall clock when one `ablate.py` call made every run), with the
+    number of runs at a time, whose latency figures then shared the machine."""
+    seconds = [s["seconds"] for s in statuses if s.get("seconds")]
+    if not seconds:
+        return ""
+    note = f"\nRun time of the runs launched by tools/ablate.py (their {tables.STATUS_FILE}): " \
+           f"{sum(seconds) / 60:.1f} min summed over {len(seconds)} runs"
+    timed = [s for s in statuses if s.get("started") and s.get("ended")]
+    if len(timed) == len(seconds):
+        span = max(s["ended"] for s in timed) - min(s["started"] for s in timed)
+        jobs = sorted({s.get("parallel_runs", 1) for s in timed})
+        note += f"; first start to last end {span / 60:.1f} min, {'/'.join(map(str, jobs))} run(s) at a time"
+        if jobs != [1]:
+            note += " (latency figures measured beside another run: compare them within a run only)"
+    return note + ".\n"
 
 
 @hydra.main(config_path="../configs", config_name="ablate", version_base="1.3")
@@ -391,6 +451,8 @@ def run(cfg: DictConfig) -> None:
     rows = table_rows(cfg)
     if not cfg.seeds:
         raise AblateError("seeds=[]: give at least one seed, e.g. seeds=[0,1,2]")
+    if not isinstance(cfg.jobs, int) or cfg.jobs < 1:
+        raise AblateError(f"jobs={cfg.jobs}: give the number of runs at a time, at least 1")
     if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
         raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
     if not cfg.collect_only:
