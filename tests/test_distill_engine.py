@@ -68,6 +68,21 @@ def test_kd_mode_uses_the_teacher_and_never_updates_it():
     assert not teacher.training and not teacher.model.training
 
 
+def test_kd_at_alpha_zero_trains_exactly_as_without_a_teacher():
+    """α = 0 is plain training: the teacher's forward (and the neighbour search it shares with the
+    student) changes no weight bit, so the kd table's α = 0 column is the QAT row of the bits table."""
+    def trained(teacher, alpha):
+        student = tiny()
+        make_engine(student, epochs=1, teacher=teacher, alpha=alpha).fit()
+        return student.state_dict()
+
+    alone = trained(None, 0.0)
+    with_teacher = trained(FrozenTeacher(create_model("pointnext-s", num_classes=2, width=8)), 0.0)
+    assert all(torch.equal(alone[k], with_teacher[k]) for k in alone)
+    distilled = trained(FrozenTeacher(create_model("pointnext-s", num_classes=2, width=8)), 0.25)  # negative control
+    assert not all(torch.equal(alone[k], distilled[k]) for k in alone)
+
+
 def test_hooks_run_at_every_epoch_start_and_their_state_is_logged():
     class Recorder:
         def __init__(self):
