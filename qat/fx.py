@@ -13,7 +13,8 @@ Numerics chosen here, and why (measured with torch 2.14.1):
   channel, while its observer's `calculate_qparams`, which `convert_fx` uses for the int8
   weights, gives max|w|/127.5: QAT trains on a grid 0.4 % off the deployed one, and the int8
   logits then track the fake-quant logits no better than the FP32 logits do. Activations are
-  affine, where both agree, so they keep the fused (faster) module.
+  affine, where both agree, so they keep the fused (faster) module, run on the input in its
+  memory order (`MemoryOrderFusedFakeQuantize`: no copy of channels-last inputs, same bits).
 * Activations' 7-bit range is given as `quant_min=0, quant_max=127` rather than the deprecated
   `reduce_range=True`; the two give identical qparams for all three observers.
 * QAT weights are symmetric in [-127, 127], not [-128, 127]: with a scale of max|w|/127.5 the
@@ -140,8 +141,38 @@ def _activation(observer: str, bits: int, reduce_range: bool, qat: bool) -> Any:
     if not qat:
         return obs.with_args(**qrange)
     if observer == "moving_average_minmax":  # the fused kernel exists only for this observer
-        return FusedMovingAvgObsFakeQuantize.with_args(observer=obs, **qrange)
+        return MemoryOrderFusedFakeQuantize.with_args(observer=obs, **qrange)
     return FakeQuantize.with_args(observer=obs, **qrange)
+
+
+class MemoryOrderFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
+    """The fused activation fake quant, run on its input in memory order.
+
+    The fused kernel's min/max (`aminmax`) first copies an input that is not contiguous into
+    contiguous order. The grouped convolutions' outputs, the largest activations, are
+    channels-last, and that copy was 17 % of a QAT step (PointNeXt-S width 32, batch 8, 1 thread,
+    torch profiler). For a per-tensor fake quant the order of the elements does not matter (the
+    observer reduces over all of them, the fake quant is per element), so the same tensor viewed
+    in its memory order gives bit-identical outputs, gradients and statistics without the copy;
+    both permutations are views. Per-channel use, or an input with gaps in memory, takes the
+    plain path.
+    """
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        order = memory_order(X)
+        if order is None or self.is_per_channel:
+            return super().forward(X)
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return super().forward(X.permute(order)).permute(inverse)
+
+
+def memory_order(x: torch.Tensor) -> list[int] | None:
+    """The permutation that makes a dense, non-contiguous `x` contiguous (`x.permute(order)`),
+    or None when `x` is contiguous already or not dense (overlapping or with gaps)."""
+    if x.is_contiguous():
+        return None
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    return order if x.permute(order).is_contiguous() else None
 
 
 def _weight(scheme: str, bits: int, qat: bool) -> Any:
