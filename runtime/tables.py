@@ -19,7 +19,8 @@ from runtime.metric_names import metrics_from_logged
 
 __all__ = [
     "Column", "Record", "Cell", "MAIN_COLUMNS", "QAT_COLUMNS", "figures_from_metrics", "figures_from_wandb",
-    "read_run_dir", "aggregate", "format_cell", "Delta", "paired_delta", "format_delta", "delta_cells", "table_markdown", "table_csv", "grid_markdown", "epoch_curves",
+    "read_run_dir", "aggregate", "format_cell", "Delta", "paired_delta", "format_delta", "delta_cells", "table_markdown", "table_csv", "grid_markdown",
+    "grid_delta_markdown", "epoch_curves",
     "BITS_COLUMNS", "plot_pareto", "plot_curves", "plot_heatmap", "read_json", "MISSING", "STATUS_FILE",
 ]
 
@@ -327,6 +328,19 @@ def grid_markdown(grid: dict[tuple[Any, Any], Sequence[Record]], row_values: Seq
     for r in row_values:
         cells = [format_cell(aggregate([x.figures.get(key) if x.status == "ok" else None for x in grid[(r, c)]],
                                        len(grid[(r, c)]))) for c in col_values]
+        lines.append("| " + " | ".join([str(r), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_delta_markdown(grid: dict[tuple[Any, Any], Sequence[Record]], reference: Sequence[Record],
+                        row_values: Sequence[Any], col_values: Sequence[Any], row_name: str, col_name: str,
+                        key: str = "oa") -> str:
+    """The 2-D table of paired differences: each cell's runs minus `reference`'s, seed by seed (paired_delta)."""
+    ref = _values(reference, key)
+    lines = ["| " + " | ".join([f"{row_name} \\ {col_name}", *[str(c) for c in col_values]]) + " |",
+             "|" + "---|" * (len(col_values) + 1)]
+    for r in row_values:
+        cells = [format_delta(paired_delta(_values(grid[(r, c)], key), ref)) for c in col_values]
         lines.append("| " + " | ".join([str(r), *cells]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -248,6 +248,12 @@ def test_kd_table_is_the_alpha_by_temperature_grid_with_a_heat_map(tmp_path):
     assert md_row(markdown, "0.0")[1:] == ["51.50 ± 0.71"] * 4  # the T = 1 run in every column
     assert table["α=0.75, T=8.0"]["distill.alpha"] == "0.75" and float(table["α=0.75, T=8.0"]["oa_mean"]) == 66.0
     assert (tmp_path / "kd" / "quick_heatmap.png").stat().st_size > 5000
+    # each KD cell against α = 0 (no distillation), paired by seed: OA rises by 10α + T - 1 in every seed
+    delta_grid = markdown[markdown.index("Δ int8 OA vs α=0.0, T=1.0"):markdown.index("All figures")]
+    assert md_row(delta_grid, "0.5")[1:] == [f"{5 + t - 1:+.2f} (n=2)" for t in (1, 2, 4, 8)]
+    assert "| 0.0 |" not in delta_grid
+    assert float(table["α=0.5, T=4.0"]["delta_oa_vs_row_mean"]) == pytest.approx(8.0)
+    assert table["α=0.0, T=4.0"]["delta_oa_vs_row_mean"] == ""  # α = 0 is the reference, not compared
     assert markdown.splitlines()[0].endswith("seeds [0, 1], qat.weight_bits=4, qat.activation_bits=4")
 
 

@@ -77,12 +77,15 @@ def table_rows(cfg: DictConfig) -> list[Row]:
     if "grid" in spec:
         (row_key, row_values), (col_key, col_values) = spec.grid.items()
         rows = []
+        # no KD term at α = 0: T changes nothing, so one run (the first T) serves the whole row, and
+        # every KD cell is compared with it (the paired Δ answers "does distillation help here?")
+        no_kd = f"alpha{0.0}_T{col_values[0]}" if row_key == "distill.alpha" and 0.0 in row_values else None
         for a in row_values:
             for t in col_values:
-                # no KD term at α = 0: T changes nothing, so one run (the first T) serves the whole row
-                run_t = col_values[0] if row_key == "distill.alpha" and float(a) == 0.0 else t
+                run_t = col_values[0] if no_kd and float(a) == 0.0 else t
                 rows.append(Row(f"α={a}, T={t}", Run(f"alpha{a}_T{run_t}", spec.experiment,
-                                                     extra=(f"{row_key}={a}", f"{col_key}={run_t}", *shared)), (a, t)))
+                                                     extra=(f"{row_key}={a}", f"{col_key}={run_t}", *shared)), (a, t),
+                                compare=no_kd if float(a) != 0.0 else None))
     else:
         rows = [Row(r.label, Run(r.name, r.experiment, r.get("tool", "train_kd_qat.py"),
                                  (*(r.get("overrides") or ()), *shared), search=bool(r.get("search"))),
@@ -366,7 +369,9 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
     spec = cfg.tables[cfg.table]
     columns = {"main": tables.MAIN_COLUMNS, "bits": tables.BITS_COLUMNS}.get(spec.columns, tables.QAT_COLUMNS)
     by_row = row_records(cfg, rows, records)
-    label_of = {row.run.name: row.label for row in rows}  # a compared row left out by `rows=`: no comparison
+    label_of = {}  # a compared row left out by `rows=`: no comparison; a run serving several cells: the first
+    for row in rows:
+        label_of.setdefault(row.run.name, row.label)
     compare = [label_of.get(row.compare) for row in rows]
     everything = [r for _, rs in by_row for r in rs]
     batch = _stated(everything, "eval_batch")
@@ -380,7 +385,15 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
         row_values = [a for a in row_values if any(p[0] == a for p in grid)]
         col_values = [t for t in col_values if any(p[1] == t for p in grid)]
         parts += [f"int8 OA % (rows {row_key}, columns {col_key}):\n", tables.grid_markdown(grid, row_values, col_values,
-                                                                                        "α", "T"), "All figures:\n"]
+                                                                                        "α", "T")]
+        no_kd = next((row.compare for row in rows if row.compare), None)
+        if no_kd is not None:
+            compared = [a for a in row_values if any(row.compare and row.params[0] == a for row in rows)]
+            parts += [f"Δ int8 OA vs {label_of[no_kd]} (no distillation), points, paired over seeds, 95 % t "
+                      f"interval, `*`: excludes zero:\n",
+                      tables.grid_delta_markdown(grid, [records[(no_kd, s)] for s in cfg.seeds], compared,
+                                                 col_values, "α", "T")]
+        parts.append("All figures:\n")
         tables.plot_heatmap(grid, row_values, col_values, out / f"{name}_heatmap.png", row_key, col_key,
                        f"int8 OA, {cfg.table} table ({cfg.profile})")
         parts.append(f"![heat map]({name}_heatmap.png)\n")
