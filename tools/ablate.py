@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,8 @@ def table_rows(cfg: DictConfig) -> list[Row]:
         rows = []
         # no KD term at α = 0: T changes nothing, so one run (the first T) serves the whole row, and
         # every KD cell is compared with it (the paired Δ answers "does distillation help here?")
-        no_kd = f"alpha{0.0}_T{col_values[0]}" if row_key == "distill.alpha" and 0.0 in row_values else None
+        zero = next((a for a in row_values if row_key == "distill.alpha" and float(a) == 0.0), None)
+        no_kd = None if zero is None else f"alpha{zero}_T{col_values[0]}"
         for a in row_values:
             for t in col_values:
                 run_t = col_values[0] if no_kd and float(a) == 0.0 else t
@@ -281,7 +282,7 @@ def prerequisites(runs: list[Run], seed: int, run: Run) -> list[tuple[int, Run]]
     return needed
 
 
-def in_order(pending: list, needs, jobs: int, start) -> None:
+def in_order(pending: list[tuple], needs: Callable[..., list], jobs: int, start: Callable[..., None]) -> None:
     """Calls `start(*item)` for every item of `pending`, at most `jobs` at a time, each once every item
     `needs(*item[1:])` names that is still pending has returned; earlier items first (seed by seed, so
     early seeds complete first)."""
@@ -386,7 +387,7 @@ def write_outputs(cfg: DictConfig, rows: list[Row], records: dict[tuple[str, int
         col_values = [t for t in col_values if any(p[1] == t for p in grid)]
         parts += [f"int8 OA % (rows {row_key}, columns {col_key}):\n", tables.grid_markdown(grid, row_values, col_values,
                                                                                         "α", "T")]
-        no_kd = next((row.compare for row in rows if row.compare), None)
+        no_kd = next((row.compare for row in rows if row.compare in label_of), None)  # not with rows= leaving α = 0 out
         if no_kd is not None:
             compared = [a for a in row_values if any(row.compare and row.params[0] == a for row in rows)]
             parts += [f"Δ int8 OA vs {label_of[no_kd]} (no distillation), points, paired over seeds, 95 % t "
