@@ -166,9 +166,9 @@ def finished(cfg: DictConfig, run: Run, seed: int) -> bool:
     return tables.read_run_dir(path, seed, expected).status == "ok"
 
 
-def launch(cfg: DictConfig, run: Run, seed: int, threads: int | None = None) -> tuple[int | None, str]:
-    """Runs one tool in a fresh process and run directory; records the outcome in ablate_status.json.
-    `threads`: the run's OMP_NUM_THREADS (its torch threads) when several runs share the machine."""
+def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
+    """Runs one tool in a fresh process and run directory, with `cfg.threads` torch threads (its
+    OMP_NUM_THREADS: the figures depend on it); records the outcome in ablate_status.json."""
     path = run_dir(cfg, run, seed)
     refuse_if_in_use(path)  # a live run there (started by hand or another ablate.py): its PID, nothing removed
     if path.exists():
@@ -185,12 +185,12 @@ def launch(cfg: DictConfig, run: Run, seed: int, threads: int | None = None) -> 
     python = cfg.python or sys.executable
     command = [python, str(ROOT / "tools" / run.tool), *overrides, *logging_overrides(cfg, run),
                f"hydra.run.dir={path}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     started, start = time.time(), time.monotonic()
     with open(path / "ablate_output.log", "w") as out:
         proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     status.update(returncode=proc.returncode, seconds=round(time.monotonic() - start, 1), command=command,
-                  started=round(started, 1), ended=round(time.time(), 1), parallel_runs=cfg.jobs,
+                  started=round(started, 1), ended=round(time.time(), 1), parallel_runs=cfg.jobs, threads=cfg.threads,
                   reason="" if proc.returncode == 0 else failure_reason((path / "ablate_output.log").read_text(),
                                                                          proc.returncode))
     write_json(path / tables.STATUS_FILE, status)
@@ -265,10 +265,8 @@ def run_all(cfg: DictConfig, runs: list[Run]) -> None:
             print(f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}: finished earlier, kept", flush=True)
         else:
             pending.append((i, seed, run))
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
     in_order(pending, lambda seed, run: prerequisites(runs, seed, run), cfg.jobs,
-             lambda i, seed, run: launch_logged(cfg, run, seed, f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}",
-                                                threads))
+             lambda i, seed, run: launch_logged(cfg, run, seed, f"[{i}/{len(todo)}] {cfg.table}/{run.name} seed {seed}"))
 
 
 def prerequisites(runs: list[Run], seed: int, run: Run) -> list[tuple[int, Run]]:
@@ -303,10 +301,10 @@ def in_order(pending: list[tuple], needs: Callable[..., list], jobs: int, start:
                 future.result()  # a bug in start() surfaces here instead of being dropped
 
 
-def launch_logged(cfg: DictConfig, run: Run, seed: int, where: str, threads: int | None) -> None:
+def launch_logged(cfg: DictConfig, run: Run, seed: int, where: str) -> None:
     print(f"{where}: {run.tool} {' '.join(run_overrides(cfg, run, seed))}", flush=True)
     start = time.monotonic()
-    code, reason = launch(cfg, run, seed, threads)
+    code, reason = launch(cfg, run, seed)
     outcome = "ok" if code == 0 else f"FAILED ({reason})"
     print(f"{where}: {outcome} in {time.monotonic() - start:.0f} s", flush=True)
 
@@ -465,8 +463,9 @@ def run(cfg: DictConfig) -> None:
     rows = table_rows(cfg)
     if not cfg.seeds:
         raise AblateError("seeds=[]: give at least one seed, e.g. seeds=[0,1,2]")
-    if not isinstance(cfg.jobs, int) or cfg.jobs < 1:
-        raise AblateError(f"jobs={cfg.jobs}: give the number of runs at a time, at least 1")
+    for key in ("jobs", "threads"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise AblateError(f"{key}={cfg[key]}: give a whole number, at least 1")
     if not (ROOT / "configs" / "experiment" / f"{cfg.profile}.yaml").is_file():
         raise AblateError(f"profile={cfg.profile}: no configs/experiment/{cfg.profile}.yaml; use quick or full")
     if not cfg.collect_only:
