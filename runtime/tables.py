@@ -12,7 +12,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from atomic_io import atomic_write
 from runtime.metric_names import metrics_from_logged
@@ -323,13 +323,8 @@ def table_csv(rows: Sequence[tuple[str, Sequence[Record]]], columns: Sequence[Co
 def grid_markdown(grid: dict[tuple[Any, Any], Sequence[Record]], row_values: Sequence[Any], col_values: Sequence[Any],
                   row_name: str, col_name: str, key: str = "oa") -> str:
     """A 2-D table (rows × columns of a sweep) of one figure, mean ± std (n) per cell."""
-    lines = ["| " + " | ".join([f"{row_name} \\ {col_name}", *[str(c) for c in col_values]]) + " |",
-             "|" + "---|" * (len(col_values) + 1)]
-    for r in row_values:
-        cells = [format_cell(aggregate([x.figures.get(key) if x.status == "ok" else None for x in grid[(r, c)]],
-                                       len(grid[(r, c)]))) for c in col_values]
-        lines.append("| " + " | ".join([str(r), *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    return _grid_table(row_values, col_values, row_name, col_name, lambda r, c: format_cell(
+        aggregate([x.figures.get(key) if x.status == "ok" else None for x in grid[(r, c)]], len(grid[(r, c)]))))
 
 
 def grid_delta_markdown(grid: dict[tuple[Any, Any], Sequence[Record]], reference: Sequence[Record],
@@ -337,11 +332,15 @@ def grid_delta_markdown(grid: dict[tuple[Any, Any], Sequence[Record]], reference
                         key: str = "oa") -> str:
     """The 2-D table of paired differences: each cell's runs minus `reference`'s, seed by seed (paired_delta)."""
     ref = _values(reference, key)
+    return _grid_table(row_values, col_values, row_name, col_name,
+                       lambda r, c: format_delta(paired_delta(_values(grid[(r, c)], key), ref)))
+
+
+def _grid_table(row_values: Sequence[Any], col_values: Sequence[Any], row_name: str, col_name: str,
+                cell: Callable[[Any, Any], str]) -> str:
     lines = ["| " + " | ".join([f"{row_name} \\ {col_name}", *[str(c) for c in col_values]]) + " |",
              "|" + "---|" * (len(col_values) + 1)]
-    for r in row_values:
-        cells = [format_delta(paired_delta(_values(grid[(r, c)], key), ref)) for c in col_values]
-        lines.append("| " + " | ".join([str(r), *cells]) + " |")
+    lines += ["| " + " | ".join([str(r), *[cell(r, c) for c in col_values]]) + " |" for r in row_values]
     return "\n".join(lines) + "\n"
 
 
