@@ -411,11 +411,13 @@ def test_every_run_gets_the_configured_torch_threads_whatever_the_machine(tmp_pa
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    run = ablate.Run("qat", "main_qat")
     for threads in (1, 3):
-        cfg = ablate_cfg(tmp_path / str(threads), f"threads={threads}")
-        ablate.launch(cfg, ablate.Run("qat", "main_qat"), 0)
-        status = json.loads((ablate.run_dir(cfg, ablate.Run("qat", "main_qat"), 0) / tables.STATUS_FILE).read_text())
-        assert seen[-1]["OMP_NUM_THREADS"] == str(threads) and status["threads"] == threads
+        for how in ("one process per run", "one hydra multirun per row"):
+            cfg = ablate_cfg(tmp_path / f"{threads}{how[:3]}", f"threads={threads}")
+            ablate.launch(cfg, run, 0) if how.startswith("one process") else ablate.launch_multirun(cfg, run, [0])
+            status = json.loads((ablate.run_dir(cfg, run, 0) / tables.STATUS_FILE).read_text())
+            assert seen[-1]["OMP_NUM_THREADS"] == str(threads) and status["threads"] == threads, how
 
 
 @pytest.mark.slow

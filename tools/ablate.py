@@ -2,6 +2,7 @@
 
     python tools/ablate.py table=main                        # runs what is missing, writes results/main/
     python tools/ablate.py table=kd seeds=[0]                # the α × T grid: table + heat map
+    python tools/ablate.py table=bits jobs=2                 # two runs at a time (one torch thread each: threads=1)
     python tools/ablate.py table=main collect_only=true      # tables from existing runs only
     python tools/ablate.py table=main profile=full 'overrides=["dataset.root=/data/modelnet40_ply_hdf5_2048"]'
     python tools/ablate.py table=main collect_only=true 'wandb_dirs=[/sync/wandb]'   # from W&B offline runs
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -185,16 +187,21 @@ def launch(cfg: DictConfig, run: Run, seed: int) -> tuple[int | None, str]:
     python = cfg.python or sys.executable
     command = [python, str(ROOT / "tools" / run.tool), *overrides, *logging_overrides(cfg, run),
                f"hydra.run.dir={path}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     started, start = time.time(), time.monotonic()
     with open(path / "ablate_output.log", "w") as out:
-        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=run_env(cfg))
     status.update(returncode=proc.returncode, seconds=round(time.monotonic() - start, 1), command=command,
                   started=round(started, 1), ended=round(time.time(), 1), parallel_runs=cfg.jobs, threads=cfg.threads,
                   reason="" if proc.returncode == 0 else failure_reason((path / "ablate_output.log").read_text(),
                                                                          proc.returncode))
     write_json(path / tables.STATUS_FILE, status)
     return proc.returncode, status["reason"]
+
+
+def run_env(cfg: DictConfig) -> dict[str, str]:
+    """The environment of every launched run: `cfg.threads` torch threads (OMP_NUM_THREADS), since the
+    figures depend on the thread count, whatever the machine's cores."""
+    return dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
 
 
 def failure_reason(output: str, returncode: int) -> str:
@@ -233,7 +240,7 @@ def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, s
                f"hydra.sweep.dir={base}", "hydra.sweep.subdir=seed${seed}"]
     start = time.monotonic()
     with open(base / "ablate_multirun_output.log", "w") as out:
-        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=run_env(cfg))
     reason = failure_reason((base / "ablate_multirun_output.log").read_text(), proc.returncode)
     for seed in ready:  # a seed without metrics.json failed (or never started: the basic launcher stops at a failure)
         path = run_dir(cfg, run, seed)
@@ -241,6 +248,7 @@ def launch_multirun(cfg: DictConfig, run: Run, seeds: list[int]) -> tuple[int, s
         write_json(path / tables.STATUS_FILE, {
             "overrides": run_identity(cfg, run, seed), "tool": run.tool, "command": command,
             "returncode": 0 if done else (proc.returncode or 1), "seconds": round(time.monotonic() - start, 1),
+            "threads": cfg.threads,
             "reason": "" if done else (reason if proc.returncode else "no result written")})
     return proc.returncode, "" if proc.returncode == 0 else reason
 
@@ -284,8 +292,6 @@ def in_order(pending: list[tuple], needs: Callable[..., list], jobs: int, start:
     """Calls `start(*item)` for every item of `pending`, at most `jobs` at a time, each once every item
     `needs(*item[1:])` names that is still pending has returned; earlier items first (seed by seed, so
     early seeds complete first)."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
     waiting, running = list(pending), {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while waiting or running:
