@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import random
 import statistics
 import time
 from contextlib import contextmanager
@@ -60,14 +61,22 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[s
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
-    """`time_call` for several callables, one run of each per round, so load changes hit all alike."""
+    """`time_call` for several callables, one run of each per round, so load changes hit all alike.
+
+    Each round runs them in a new order (seeded: reruns draw the same orders), so no path always
+    follows the same one: a path's cost can depend on its predecessor, e.g. an OpenVINO call
+    started while torch's OpenMP threads still spin after a torch call measured 0.6 ms slower at
+    batch 1 (2.5 vs 1.9 ms, docs/performance.md).
+    """
     steady_allocator()
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
