@@ -10,7 +10,7 @@ ARGS   ?=
 
 # torch first (pinned), then the project itself, editable, built against that torch (its C++
 # neighbour kernels, when setup.py builds them), with the test-only pins of the `dev` extra.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(wildcard setup.py models/csrc/*)
+$(STAMP): requirements.txt requirements-dev.txt requirements-openvino.txt pyproject.toml $(wildcard setup.py models/csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -r requirements.txt

@@ -24,7 +24,7 @@ from typing import Any, ContextManager, Protocol, cast
 import torch
 import torch.nn as nn
 
-from . import export, fx, pt2e
+from . import export, fx, openvino, pt2e
 from .spec import PT2E_BACKENDS, QConfigSpec, weighted_layer_names  # a question about the float model
 
 __all__ = [
@@ -188,12 +188,19 @@ def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any]
 
 
 def load_int8(path: str | Path) -> nn.Module:
-    """Loads an int8 artifact on CPU, the format chosen by its suffix (`.pt2`: PT2E, else TorchScript).
+    """Loads an int8 artifact on CPU, the format chosen by its suffix (`.pt2`: PT2E, `.xml`: OpenVINO,
+    else TorchScript).
 
     Trusted files only (see the module docstring). A `.pt2` needs torchao (its quantize ops) and
-    this project's `models.neighbor_ops` (the neighbour-search custom ops), which this imports.
+    this project's `models.neighbor_ops` (the neighbour-search custom ops), which this imports;
+    an `.xml` (`qat/openvino.py`, a runner rather than a module) needs the openvino package.
     """
-    return pt2e.load_int8(path) if Path(path).suffix == ARTIFACT_SUFFIXES["pt2e"] else export.load_int8(path)
+    suffix = Path(path).suffix
+    if suffix == ARTIFACT_SUFFIXES["pt2e"]:
+        return pt2e.load_int8(path)
+    if suffix == openvino.SUFFIX:
+        return openvino.OpenVinoRunner(path)  # type: ignore[return-value]
+    return export.load_int8(path)
 
 
 def inference_runner(

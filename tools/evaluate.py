@@ -2,6 +2,7 @@
 
     python tools/evaluate.py checkpoint=outputs/RUN/model_int8.pt        # int8 artifact (model_int8.json beside it)
     python tools/evaluate.py checkpoint=outputs/RUN/model_int8.pt2       # PT2E int8 artifact (qat.backend=pt2e_x86)
+    python tools/evaluate.py checkpoint=outputs/RUN/model_int8_openvino.xml   # the same int8 model as an OpenVINO IR (openvino=true)
     python tools/evaluate.py checkpoint=outputs/RUN/student/last.pt      # the fake-quant student of a (KD-)QAT run
     python tools/evaluate.py checkpoint=pointnext-s.pth dataset=modelnet40 dataset.root=DIR model=pointnext-s
     python tools/evaluate.py checkpoint=... split=train                  # training clouds, no augmentation
@@ -13,7 +14,8 @@ the hydra run directory. Evaluate on the dataset the checkpoint was trained for 
 
 What the file is, is told without unpickling anything: a `.json` sidecar beside it means an int8
 artifact: `.pt2` a PT2E program (`torch.export.load`, then compiled by Inductor as the run that
-wrote its metrics.json ran it, unless `pt2_compile=false`), anything else TorchScript
+wrote its metrics.json ran it, unless `pt2_compile=false`), `.xml` an OpenVINO IR
+(`qat/openvino.py`: our neighbour search, then OpenVINO's runtime), anything else TorchScript
 (`torch.jit.load`, which runs code from the archive). Both are for trusted files only (see
 qat/backend.py); anything else is read with `weights_only=True`, and fake-quant entries in its
 state dict mean a QAT checkpoint (FX- or PT2E-prepared, rebuilt from its run's config).
@@ -166,9 +168,9 @@ def load_artifact(path: Path, d: pipeline.Data, compile_pt2: bool = True) -> Any
               f"(dataset.num_points={sidecar.get('num_points')} reproduces its metrics)")
     try:
         runner, _ = qat.load_deployed(path, compile=compile_pt2)  # PT2E: compiled lazily, on the first batch
-    except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
-        raise CheckpointError(f"int8 artifact {path}: loading a PT2E program needs torchao ({err}); "
-                              "install the project's pinned requirements") from None
+    except ImportError as err:  # a .pt2 needs torchao's quantize ops registered, an .xml the openvino package
+        need = "" if path.suffix == ".xml" else "loading a PT2E program needs torchao: "
+        raise CheckpointError(f"int8 artifact {path}: {need}{err}; install the project's pinned requirements") from None
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"int8 artifact {path}: unreadable ({str(err).splitlines()[0]}); re-export it or copy it "
                               "again from the run directory") from None

@@ -104,7 +104,7 @@ def load_artifact(path: Path, compile_pt2: bool = False) -> tuple[Any, dict]:
     """The int8 model (TorchScript, or a PT2E program by its `.pt2` suffix) and its sidecar,
     checked for the keys prediction needs."""
     if not path.exists():
-        raise DataError(f"artifact={path}: no such file; pass the model_int8.pt (or .pt2) of a run directory")
+        raise DataError(f"artifact={path}: no such file; pass the model_int8.pt (or .pt2, or _openvino.xml) of a run directory")
     if not qat.sidecar_path(path).exists():
         raise DataError(f"artifact={path}: no sidecar {qat.sidecar_path(path).name} beside it; "
                         "copy it from the run directory")
@@ -113,11 +113,11 @@ def load_artifact(path: Path, compile_pt2: bool = False) -> tuple[Any, dict]:
     info = qat.read_checked_sidecar(path)  # types and ranges of what prediction uses
     try:
         loaded = qat.load_int8(path)
-    except ImportError as err:  # a .pt2 needs torchao's quantize ops registered
-        raise DataError(f"artifact={path}: loading a PT2E program needs torchao ({err}); "
-                        "install the project's pinned requirements") from None
+    except ImportError as err:  # a .pt2 needs torchao's quantize ops registered, an .xml the openvino package
+        need = "" if path.suffix == ".xml" else "loading a PT2E program needs torchao: "
+        raise DataError(f"artifact={path}: {need}{err}; install the project's pinned requirements") from None
     except (RuntimeError, ValueError, KeyError) as err:
-        kind = "PT2E program" if path.suffix == qat.ARTIFACT_SUFFIXES["pt2e"] else "TorchScript file"
+        kind = {qat.ARTIFACT_SUFFIXES["pt2e"]: "PT2E program", ".xml": "OpenVINO IR"}.get(path.suffix, "TorchScript file")
         raise DataError(f"artifact={path}: not a loadable {kind} ({str(err).splitlines()[0]}); "
                         f"copy {path.name} again from the run directory") from None
     return (qat.inference_runner(loaded)[0] if compile_pt2 else loaded), info
