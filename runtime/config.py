@@ -118,6 +118,7 @@ def validate_config(cfg: DictConfig) -> None:
         if spec.backend.startswith("pt2e") and OmegaConf.select(cfg, "artifact", default="auto") != "auto":
             raise ConfigError(f"artifact={cfg.artifact} chooses the neighbour ops of the FX backends' TorchScript file; "
                               f"qat.backend={spec.backend} writes a .pt2 program: leave artifact=auto")
+    _check_openvino(cfg)
     if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
         raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
     if not cfg.teacher.ckpt and cfg.teacher.epochs == 0 and not OmegaConf.select(cfg, "pretrained", default=""):
@@ -125,6 +126,23 @@ def validate_config(cfg: DictConfig) -> None:
                           "give teacher.ckpt=PATH or teacher.epochs >= 1")
     for key in ("model.name", "teacher.model"):
         _check_model(cfg, key)
+
+
+def _check_openvino(cfg: DictConfig) -> None:
+    """`openvino=true` asks for an int8 model (not mode=fp32) of an FX backend, and the package that writes it."""
+    value = OmegaConf.select(cfg, "openvino", default=False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"openvino={value!r}: use true or false")
+    if not value:
+        return
+    if cfg.mode == "fp32" and OmegaConf.select(cfg, "method", default=None) in (None, "fp32"):
+        raise ConfigError("openvino=true exports the int8 model, and mode=fp32 makes none; drop openvino=true")
+    if qat.spec_from_config(cfg.qat).backend.startswith("pt2e"):
+        raise ConfigError("openvino=true exports an FX-converted model; use qat.backend=fbgemm or x86")
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise ConfigError('openvino=true needs the openvino package: pip install -e ".[openvino]"') from None
 
 
 def _check_model(cfg: DictConfig, key: str) -> None:

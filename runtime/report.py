@@ -21,8 +21,10 @@ from atomic_io import atomic_write
 from qat.export import packed_size_mb
 
 from runtime import pipeline
+from runtime.measure import random_clouds
 
-__all__ = ["fp32_figures", "reference_figures", "artifact_accuracy", "int8_figures", "print_results_table",
+__all__ = ["fp32_figures", "reference_figures", "artifact_accuracy", "int8_figures", "openvino_figures",
+           "print_results_table",
            "compare_table", "save_confusion_png"]
 
 
@@ -89,6 +91,23 @@ def artifact_accuracy(runner: Callable[..., torch.Tensor], d: pipeline.Data) -> 
     val = val_figures(runner, d)
     result = pipeline.evaluate(runner, d)
     return {"oa": result["oa"], "macc": result["macc"], **val, "per_class_acc": result["per_class"]}
+
+
+def openvino_figures(prepared: nn.Module, cfg: DictConfig, d: pipeline.Data, run_dir: Path,
+                     sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The run's int8 model also as an OpenVINO IR (`openvino=true`, `qat/openvino.py`), measured
+    as the TorchScript artifact is: written, reloaded, accuracy on val and test, size, latency.
+
+    Under metrics.json's `openvino`. The IR holds the same qparams and int8 weights; OpenVINO's own
+    requantization rounding is the only difference, so its accuracy is reported, not assumed.
+    """
+    from qat.openvino import OpenVinoRunner, export_openvino  # the optional openvino package, only when asked
+
+    example = random_clouds(2, d.num_points, d.in_channels, torch.Generator().manual_seed(2))
+    path = export_openvino(prepared, run_dir / "model_int8_openvino.xml", sidecar, example)
+    runner = OpenVinoRunner(path, threads=cfg.bench.threads)
+    return {"artifact": path.name, "size_mb": qat.read_sidecar(path)["size_mb"], **artifact_accuracy(runner, d),
+            "latency_ms": pipeline.model_latency(runner, cfg, d)}
 
 
 def int8_figures(metrics: dict[str, Any], deployed: qat.Deployed, cfg: DictConfig, d: pipeline.Data,

@@ -26,7 +26,7 @@ from runtime import pipeline
 from runtime.config import ConfigError
 from runtime.logger import RunLogger
 from runtime.measure import random_clouds
-from runtime.report import artifact_accuracy, fp32_figures, int8_figures, reference_figures
+from runtime.report import artifact_accuracy, fp32_figures, int8_figures, openvino_figures, reference_figures
 
 METHODS = ("fp32", "static", "qat", "kd_qat")
 
@@ -120,13 +120,17 @@ def quantized_run_metrics(
     """
     metrics = reference_figures(cfg, d, method=method, prepared=prepared, fp32_model=fp32_model, teacher=teacher,
                                 schedule=schedule, fp32_reference=fp32_reference)
-    deployed = qat.deploy(prepared, spec, run_dir, artifact_sidecar(cfg, d, method, spec),
+    sidecar = artifact_sidecar(cfg, d, method, spec)
+    deployed = qat.deploy(prepared, spec, run_dir, sidecar,
                           example_inputs=lambda batch: random_clouds(batch, d.num_points, d.in_channels,
                                                                      torch.Generator().manual_seed(batch)),
                           batch_sizes=(1, cfg.train.eval_batch_size), float_model=fp32_model,
                           verify=lambda runner: artifact_accuracy(runner, d),
                           mode=qat.artifact_mode(cfg.artifact))
-    return int8_figures(metrics, deployed, cfg, d, history)
+    metrics = int8_figures(metrics, deployed, cfg, d, history)
+    if OmegaConf.select(cfg, "openvino", default=False) and spec.backend in qat.FX_BACKENDS:  # PT2E: no IR (config.py)
+        metrics["openvino"] = openvino_figures(prepared, cfg, d, run_dir, sidecar)
+    return metrics
 
 
 def artifact_sidecar(cfg: DictConfig, d: pipeline.Data, method: str, spec: qat.QConfigSpec) -> dict[str, Any]:
