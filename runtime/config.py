@@ -129,20 +129,20 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _check_openvino(cfg: DictConfig) -> None:
-    """`openvino=exact|fused` asks for an int8 model (not mode=fp32) of an FX backend, and the package that writes it."""
-    value = OmegaConf.select(cfg, "openvino", default=None)
-    if value is None:
+    """`openvino=true` asks for an int8 model (not mode=fp32) of an FX backend, and the package that writes it."""
+    value = OmegaConf.select(cfg, "openvino", default=False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"openvino={value!r}: use true or false")
+    if not value:
         return
-    if value not in ("exact", "fused"):
-        raise ConfigError(f"openvino={value!r}: use exact or fused (or null for no OpenVINO IR)")
     if cfg.mode == "fp32" and OmegaConf.select(cfg, "method", default=None) in (None, "fp32"):
-        raise ConfigError(f"openvino={value} exports the int8 model, and mode=fp32 makes none; drop openvino=")
+        raise ConfigError("openvino=true exports the int8 model, and mode=fp32 makes none; drop openvino=true")
     if qat.spec_from_config(cfg.qat).backend.startswith("pt2e"):
-        raise ConfigError(f"openvino={value} exports an FX-converted model; use qat.backend=fbgemm or x86")
+        raise ConfigError("openvino=true exports an FX-converted model; use qat.backend=fbgemm or x86")
     try:
         import openvino  # noqa: F401
     except ImportError:
-        raise ConfigError(f'openvino={value} needs the openvino package: pip install -e ".[openvino]"') from None
+        raise ConfigError('openvino=true needs the openvino package: pip install -e ".[openvino]"') from None
 
 
 def _check_model(cfg: DictConfig, key: str) -> None:

@@ -128,7 +128,7 @@ def quantized_run_metrics(
                           verify=lambda runner: artifact_accuracy(runner, d),
                           mode=qat.artifact_mode(cfg.artifact))
     metrics = int8_figures(metrics, deployed, cfg, d, history)
-    if OmegaConf.select(cfg, "openvino", default=None) and spec.backend in qat.FX_BACKENDS:  # PT2E: no IR (config.py)
+    if OmegaConf.select(cfg, "openvino", default=False) and spec.backend in qat.FX_BACKENDS:  # PT2E: no IR (config.py)
         metrics["openvino"] = openvino_figures(prepared, cfg, d, run_dir, sidecar)
     return metrics
 

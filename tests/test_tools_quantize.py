@@ -211,35 +211,32 @@ def _test_predictions(run_dir: Path, model) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_openvino_exact_writes_the_same_int8_model_as_an_ir_and_measures_it(workdir, compare_run):
-    """`openvino=exact`: model_int8_openvino.xml/.bin beside model_int8.pt, its reported accuracy is
-    that of the file, and it classifies every test cloud as the TorchScript artifact does."""
+def test_openvino_true_writes_the_same_int8_model_as_an_ir_and_measures_it(workdir, compare_run):
+    """`openvino=true`: model_int8_openvino.xml/.bin beside model_int8.pt, its reported accuracy is
+    that of the file, and it classifies the test clouds as the TorchScript artifact does (OpenVINO's
+    integer rounding may flip a near tie: 1 of 800 on the default run; wrong neighbourhoods ~90 %)."""
     pytest.importorskip("openvino")
     import qat
 
-    run = run_quantize(workdir, workdir / "openvino", "method=static", "openvino=exact",
+    run = run_quantize(workdir, workdir / "openvino", "method=static", "openvino=true",
                        f"pretrained={compare_run / 'teacher' / 'final.pt'}")
     for name in ("model_int8_openvino.xml", "model_int8_openvino.bin", "model_int8_openvino.json"):
         assert (run / name).is_file(), name
-    metrics = read_metrics(run)
-    reported = metrics["openvino"]
+    reported = read_metrics(run)["openvino"]
     ir_preds, labels = _test_predictions(run, qat.load_int8(run / "model_int8_openvino.xml"))
     assert reported["oa"] == pytest.approx((ir_preds == labels).double().mean().item() * 100)
     int8_preds, _ = _test_predictions(run, torch.jit.load(str(run / "model_int8.pt")))
-    assert torch.equal(ir_preds, int8_preds)  # the fused IR need not (tests/test_qat_openvino.py)
-    assert (reported["oa"], reported["val"]) == (metrics["oa"], metrics["val"])
-    assert reported["fidelity"] == "exact"
+    assert (ir_preds != int8_preds).sum() <= 1  # of 40
     assert set(reported) >= {"artifact", "size_mb", "oa", "macc", "val", "latency_ms"}
 
 
-def test_openvino_is_refused_by_validation_where_there_is_no_fx_int8_model():
+def test_openvino_true_is_refused_by_validation_where_there_is_no_fx_int8_model():
     from hydra import compose, initialize_config_dir
 
     from runtime.config import ConfigError, validate_config
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        fp32_only = compose(config_name="train_kd_qat", overrides=["openvino=exact", "mode=fp32"])
-    for cfg, match in ((fp32_only, "mode=fp32"), (_quantize_config("openvino=exact", "qat.backend=pt2e_x86"), "FX"),
-                       (_quantize_config("openvino=true"), "exact or fused")):
+        fp32_only = compose(config_name="train_kd_qat", overrides=["openvino=true", "mode=fp32"])
+    for cfg, match in ((fp32_only, "mode=fp32"), (_quantize_config("openvino=true", "qat.backend=pt2e_x86"), "FX")):
         with pytest.raises(ConfigError, match=match):
             validate_config(cfg)
-    validate_config(_quantize_config("qat.backend=pt2e_x86"))  # control: the same config, not asked
+    validate_config(_quantize_config("openvino=false", "qat.backend=pt2e_x86"))  # control: the same config, not asked

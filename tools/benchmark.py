@@ -16,9 +16,8 @@ columns, the network alone with neighbour indices fed in (`models/_precomputed.p
 search alone, our int8 network alone, and with `bench.openvino` (default on; skipped with a note
 when the optional `peers` extra is not installed) OpenVINO's int8 network (NNCF PTQ
 on the same calibration clouds) alone and after our index search, and our own int8 model exported
-as an OpenVINO IR (`qat/openvino.py`: the same qparams as the TorchScript artifact, at both
-fidelities, `exact` and `fused`; needs only the `openvino` extra) end to end and its network alone,
-all as ratios to our BN-folded FP32 end to end. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
+as an OpenVINO IR (`qat/openvino.py`: the same qparams as the TorchScript artifact; needs only the
+`openvino` extra) end to end and its network alone, all as ratios to our BN-folded FP32 end to end. Also: a per-stage profile (FPS, ball query, grouping, convolutions, pooling,
 quantize/dequantize, head), sizes, peak memory and time against the number of points (each
 size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT
 (KD-QAT twice: teacher and student each searching neighbourhoods, and sharing one search under
@@ -48,7 +47,7 @@ from distill import DistillationLoss, FrozenTeacher
 from models import _kernels, create_model, load_checkpoint
 from models._precomputed import NeighbourIndices, PrecomputedPointNeXt
 from models.neighbors import NeighborhoodMemo, shared_neighborhoods
-from qat.openvino import FIDELITIES, OpenVinoRunner, export_openvino
+from qat.openvino import OpenVinoRunner, export_openvino
 from runtime import pipeline
 from runtime.config import validate_config
 from runtime.exits import hydra_entry, main_guard
@@ -190,21 +189,17 @@ class OpenVinoInt8Network:
         return torch.from_numpy(self.compiled[shapes](inputs)[0])
 
 
-def our_openvino_artifacts(cfg: DictConfig, prepared: torch.fx.GraphModule, run_dir: Path) -> dict[str, OpenVinoRunner]:
+def our_openvino_artifact(cfg: DictConfig, prepared: torch.fx.GraphModule, run_dir: Path) -> OpenVinoRunner | None:
     """Our int8 model (same prepared model and qparams as the TorchScript artifact) exported as an
-    OpenVINO IR at each fidelity (`qat/openvino.py`), reloaded as deployed, by fidelity; none with a
-    one-line note without openvino."""
+    OpenVINO IR (`qat/openvino.py`) and reloaded as deployed; None with a one-line note without openvino."""
     try:
         import openvino  # noqa: F401
     except ImportError as error:
-        print(f"note: our OpenVINO artifacts skipped ({error}); `pip install -e \".[openvino]\"` adds them")
-        return {}
-    runners = {}
-    for fidelity in FIDELITIES:
-        path = export_openvino(prepared, run_dir / f"model_int8_openvino_{fidelity}.xml",
-                               {"num_points": cfg.bench.points}, random_clouds(2, cfg.bench.points), fidelity)
-        runners[fidelity] = OpenVinoRunner(path, threads=cfg.bench.threads)
-    return runners
+        print(f"note: our OpenVINO artifact skipped ({error}); `pip install -e \".[openvino]\"` adds it")
+        return None
+    path = export_openvino(prepared, run_dir / "model_int8_openvino.xml", {"num_points": cfg.bench.points},
+                           random_clouds(2, cfg.bench.points))
+    return OpenVinoRunner(path, threads=cfg.bench.threads)
 
 
 def openvino_int8_network(fp32: torch.nn.Module, search: Callable[[torch.Tensor], list[torch.Tensor]],
@@ -220,11 +215,11 @@ def openvino_int8_network(fp32: torch.nn.Module, search: Callable[[torch.Tensor]
 
 
 def index_fed_columns(cfg: DictConfig, fp32: torch.nn.Module, int8_fx: torch.fx.GraphModule,
-                      ours_on_openvino: dict[str, OpenVinoRunner] | None = None) -> dict[str, Binder]:
+                      ours_on_openvino: OpenVinoRunner | None = None) -> dict[str, Binder]:
     """Binders of the issue-16 columns: our index search alone (TorchScript with the artifact's ops), our
     int8 network alone (the converted FX model with every FPS / ball query answered from a memo
     filled before timing: the same int8 leaves and kernels as the artifact, no search), our int8
-    network exported to OpenVINO alone (per fidelity in `ours_on_openvino`), and, when OpenVINO and NNCF
+    network exported to OpenVINO alone (given `ours_on_openvino`), and, when OpenVINO and NNCF
     import, OpenVINO's int8 network alone and our search + OpenVINO's network."""
     search = _kernels.script(NeighbourIndices.of(fp32), kernels=qat.artifact_mode(cfg.artifact) == "kernels")
 
@@ -239,13 +234,12 @@ def index_fed_columns(cfg: DictConfig, fp32: torch.nn.Module, int8_fx: torch.fx.
         return run
 
     columns: dict[str, Binder] = {"index_search": lambda xyz, feats: lambda: search(xyz), "int8_network": our_network}
-    for fidelity, runner in (ours_on_openvino or {}).items():
-        def our_openvino_network(xyz: torch.Tensor, feats: torch.Tensor,
-                                 runner: OpenVinoRunner = runner) -> Callable[[], object]:
+    if ours_on_openvino is not None:
+        def our_openvino_network(xyz: torch.Tensor, feats: torch.Tensor) -> Callable[[], object]:
             indices = search(xyz)
-            runner.network(xyz, feats, indices)  # compiles for this shape
-            return lambda: runner.network(xyz, feats, indices)
-        columns[f"int8_openvino_{fidelity}_network"] = our_openvino_network
+            ours_on_openvino.network(xyz, feats, indices)  # compiles for this shape
+            return lambda: ours_on_openvino.network(xyz, feats, indices)
+        columns["int8_openvino_network"] = our_openvino_network
     peer = openvino_int8_network(fp32, search, calibration_clouds(cfg), cfg.bench.threads) if cfg.bench.openvino else None
     if peer is not None:
         def peer_network(xyz: torch.Tensor, feats: torch.Tensor) -> Callable[[], object]:
@@ -531,11 +525,11 @@ def run(cfg: DictConfig) -> None:
         if pt2e is not None:
             timed["int8_pt2e"], result["pt2e"] = pt2e
             result["size_mb"]["int8_pt2e_artifact"] = result["pt2e"]["size_mb"]
-        ours_on_openvino = our_openvino_artifacts(cfg, prepared, run_dir) if cfg.bench.openvino else {}
-        timed.update({f"int8_openvino_{fidelity}": runner for fidelity, runner in ours_on_openvino.items()})
+        ours_on_openvino = our_openvino_artifact(cfg, prepared, run_dir) if cfg.bench.openvino else None
+        if ours_on_openvino is not None:
+            timed["int8_openvino"] = ours_on_openvino
         columns = index_fed_columns(cfg, paths["fp32_eager"], int8_fx, ours_on_openvino)
         result["latency_ms"] = latency_table(timed, cfg, columns)
-        ours_openvino_paths = [f"int8_openvino_{fidelity}" for fidelity in ours_on_openvino]
         for batch, row in result["latency_ms"].items():
             best = min(row["fp32_eager"]["median"], row["fp32_folded"]["median"])
             row["int8_over_best_fp32"] = row["int8"]["median"] / best
@@ -544,17 +538,16 @@ def run(cfg: DictConfig) -> None:
                 row["int8_over_openpoints_fp32"] = row["int8"]["median"] / row["openpoints_fp32"]["median"]
             # Issue 16's columns, as ratios to our BN-folded FP32 end to end, and ours against the peer
             row["over_fp32_folded"] = {name: row[name]["median"] / row["fp32_folded"]["median"]
-                                       for name in ("int8", "int8_portable", *ours_openvino_paths, *columns)
-                                       if name in row}
+                                       for name in ("int8", "int8_portable", "int8_openvino", *columns) if name in row}
             row["index_search_share_of_int8"] = row["index_search"]["median"] / row["int8"]["median"]
             if "index_search+openvino_int8_network" in row:
                 row["int8_over_peer"] = row["int8"]["median"] / row["index_search+openvino_int8_network"]["median"]
                 row["int8_network_over_openvino"] = row["int8_network"]["median"] / row["openvino_int8_network"]["median"]
-                for fidelity in ours_on_openvino:  # the same int8 model as ours, on OpenVINO's runtime
-                    name = f"int8_openvino_{fidelity}"
-                    row[f"{name}_over_peer"] = row[name]["median"] / row["index_search+openvino_int8_network"]["median"]
-                    row[f"{name}_network_over_openvino"] = (row[f"{name}_network"]["median"]
-                                                            / row["openvino_int8_network"]["median"])
+                if "int8_openvino" in row:  # the same int8 model as ours, on OpenVINO's runtime
+                    row["int8_openvino_over_peer"] = (row["int8_openvino"]["median"]
+                                                      / row["index_search+openvino_int8_network"]["median"])
+                    row["int8_openvino_network_over_openvino"] = (row["int8_openvino_network"]["median"]
+                                                                  / row["openvino_int8_network"]["median"])
             if pt2e is not None:  # same run, interleaved: which int8 backend is faster on this CPU
                 row["pt2e_over_fx_int8"] = row["int8_pt2e"]["median"] / row["int8"]["median"]
                 row["faster_int8_backend"] = "pt2e_x86" if row["pt2e_over_fx_int8"] < 1 else f"fx_{engine}"
@@ -584,12 +577,10 @@ def report(result: dict) -> None:
         if "int8_over_peer" in row:
             print(f"    vs OpenVINO + NNCF: our int8 / (our search + OpenVINO int8 network) = {row['int8_over_peer']:.2f}, "
                   f"our int8 network / OpenVINO's = {row['int8_network_over_openvino']:.2f}")
-        for fidelity in FIDELITIES:
-            name = f"int8_openvino_{fidelity}"
-            if f"{name}_over_peer" in row:
-                print(f"    our int8 model exported to OpenVINO ({fidelity}): end to end / (our search + OpenVINO int8 "
-                      f"network) = {row[f'{name}_over_peer']:.2f}, network / OpenVINO's = "
-                      f"{row[f'{name}_network_over_openvino']:.2f}")
+        if "int8_openvino_over_peer" in row:
+            print(f"    our int8 model exported to OpenVINO: end to end / (our search + OpenVINO int8 network) = "
+                  f"{row['int8_openvino_over_peer']:.2f}, network / OpenVINO's = "
+                  f"{row['int8_openvino_network_over_openvino']:.2f}")
         if "pt2e_over_fx_int8" in row:
             print(f"    int8 PT2E/FX = {row['pt2e_over_fx_int8']:.3f}: {row['faster_int8_backend']} is faster on this CPU")
     size = result["size_mb"]
