@@ -227,6 +227,10 @@ def test_openvino_true_writes_the_same_int8_model_as_an_ir_and_measures_it(workd
     assert reported["oa"] == pytest.approx((ir_preds == labels).double().mean().item() * 100)
     int8_preds, _ = _test_predictions(run, torch.jit.load(str(run / "model_int8.pt")))
     assert (ir_preds != int8_preds).sum() <= 1  # of 40
+    # tools/evaluate.py reads the .xml like any artifact and reproduces the reported figure
+    run_tool("evaluate.py", workdir, f"checkpoint={run / 'model_int8_openvino.xml'}", *_tools.TINY_DATA,
+             "model.width=8", f"hydra.run.dir={workdir / 'openvino_eval'}")
+    assert json.loads((workdir / "openvino_eval" / "eval.json").read_text())["oa"] == pytest.approx(reported["oa"])
     assert set(reported) >= {"artifact", "size_mb", "oa", "macc", "val", "latency_ms"}
 
 
