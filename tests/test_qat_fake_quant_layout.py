@@ -1,9 +1,10 @@
-"""The activation fake quant runs on its input in memory order: the same numbers, without a copy.
+"""The activation fake quant runs on its input in memory order, with a one-pass backward: the same numbers.
 
 `qat.fx.MemoryOrderFusedFakeQuantize` replaces PyTorch's `FusedMovingAvgObsFakeQuantize` for
 activations only to skip the contiguous copy its min/max makes of channels-last inputs (the
-grouped convolutions' outputs). It must change no bit of training: outputs, gradients,
-observer statistics and whole QAT steps are compared exactly against the plain module.
+grouped convolutions' outputs) and the float copy of the mask its backward multiplies by. It
+must change no bit of training: outputs, gradients, observer statistics and whole QAT steps are
+compared exactly against the plain module.
 """
 from __future__ import annotations
 
@@ -61,6 +62,22 @@ def test_a_channels_last_input_is_not_copied():
               for cls in (FusedMovingAvgObsFakeQuantize, MemoryOrderFusedFakeQuantize)}
     assert counts["FusedMovingAvgObsFakeQuantize"] >= x.numel()  # the plain module copies the whole input
     assert counts["MemoryOrderFusedFakeQuantize"] < x.numel()
+
+
+def backward_ops(module: torch.nn.Module) -> set[str]:
+    """The aten ops the fake quant's backward runs (on a channels-last grouped-conv output)."""
+    x = LAYOUTS["channels-last (grouped conv output)"](torch.randn(2, 8, 16, 4) * 3).requires_grad_()
+    module(x)  # observer initialised
+    y = module(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y.backward(torch.randn_like(y))
+    return {event.name for event in prof.events() if event.name.startswith("aten::")}
+
+
+def test_the_backward_masks_the_gradient_in_one_pass():
+    ours, plain = backward_ops(make(MemoryOrderFusedFakeQuantize)), backward_ops(make(FusedMovingAvgObsFakeQuantize))
+    assert "aten::where" in ours and "aten::mul" not in ours
+    assert "aten::mul" in plain  # the control: torch's backward multiplies by the mask
 
 
 def test_memory_order_makes_dense_tensors_contiguous_and_leaves_the_rest():
