@@ -440,7 +440,8 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     model = create_model(cfg.model.name, num_classes=cfg.bench.num_classes, width=cfg.model.width)
     xyz, feats = random_clouds(cfg.bench.train_batch, cfg.bench.points)
     label = torch.randint(0, cfg.bench.num_classes, (cfg.bench.train_batch,))
-    prepared = qat.prepare_qat(copy.deepcopy(model).train(), qat.spec_from_config(cfg.qat), (xyz[:2], feats[:2]))
+    spec = qat.spec_from_config(cfg.qat)
+    prepared = qat.prepare_qat(copy.deepcopy(model).train(), spec, (xyz[:2], feats[:2]))
     teachers = {False: FrozenTeacher(copy.deepcopy(model), fold_bn=False), True: FrozenTeacher(copy.deepcopy(model))}
     loss_fn = DistillationLoss(0.5, 4.0, 0.2)
 
@@ -458,6 +459,11 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     variants = {"fp32": (model.train(), False, False, False), "qat": (prepared, False, False, False),
                 "kd_qat": (prepared, True, False, False), "kd_qat_shared": (prepared, True, True, False),
                 "kd_qat_folded": (prepared, True, True, True)}
+    if spec.backend in qat.FX_BACKENDS:  # the same steps with BN folded on the weights in QAT (spec.bn_fold)
+        on_weights = qat.prepare_qat(copy.deepcopy(model).train(),
+                                     qat.QConfigSpec.from_dict({**spec.to_dict(), "bn_fold": "weight"}), (xyz[:2], feats[:2]))
+        variants.update({"qat_bn_fold_weight": (on_weights, False, False, False),
+                         "kd_qat_bn_fold_weight": (on_weights, True, True, True)})
     steps = {}
     for name, (student, kd, shared, folded) in variants.items():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -470,6 +476,9 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     out["kd_qat_shared_over_kd_qat"] = out["kd_qat_shared_ms"] / out["kd_qat_ms"]
     out["kd_qat_folded_over_fp32"] = out["kd_qat_folded_ms"] / out["fp32_ms"]
     out["kd_qat_folded_over_kd_qat_shared"] = out["kd_qat_folded_ms"] / out["kd_qat_shared_ms"]
+    for name in ("qat_bn_fold_weight", "kd_qat_bn_fold_weight"):
+        if f"{name}_ms" in out:
+            out[f"{name}_over_fp32"] = out[f"{name}_ms"] / out["fp32_ms"]
     return out
 
 
@@ -599,6 +608,10 @@ def report(result: dict) -> None:
               f"{t['kd_qat_shared_ms']:.0f} ms ({t['kd_qat_shared_over_fp32']:.2f}x; "
               f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT), and with the teacher's BN folded too "
               f"{t['kd_qat_folded_ms']:.0f} ms ({t['kd_qat_folded_over_fp32']:.2f}x)")
+        if "kd_qat_bn_fold_weight_ms" in t:
+            print(f"  train step with qat.bn_fold=weight: QAT {t['qat_bn_fold_weight_ms']:.0f} ms "
+                  f"({t['qat_bn_fold_weight_over_fp32']:.2f}x), KD-QAT as the tools run it "
+                  f"{t['kd_qat_bn_fold_weight_ms']:.0f} ms ({t['kd_qat_bn_fold_weight_over_fp32']:.2f}x)")
     if "sweep" in result:
         s = result["sweep"]
         print("  slopes vs points: " + ", ".join(f"{k.split('slope_')[1]} {v:.2f}" for k, v in s.items() if k.startswith("points_slope")))
