@@ -90,7 +90,7 @@ from .spec import LayerChoice, QConfigSpec, SpecError, activation_range, layer_a
 __all__ = [
     "build_qconfig_mapping",
     "prepare_qat",
-    "fold_bn_on_weights",
+    "fast_qat_numerics",
     "prepare_ptq",
     "convert",
     "fake_quant_modules",
@@ -160,8 +160,11 @@ class MemoryOrderFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
     both permutations are views. Per-channel use, or an input with gaps in memory, takes the
     plain path.
 
-    Backward: `_FusedFakeQuant` (below) instead of torch's `grad * mask`.
+    Backward: `_FusedFakeQuant` (below) instead of torch's `grad * mask`; `contiguous_grad`
+    (set by `fast_qat_numerics`) lets it write the gradient contiguously.
     """
+
+    contiguous_grad = False
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         order = memory_order(X)
@@ -176,25 +179,29 @@ class MemoryOrderFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
         return _FusedFakeQuant.apply(
             X, self.observer_enabled, self.fake_quant_enabled, observer.min_val, observer.max_val, self.scale,
             self.zero_point, observer.averaging_constant, observer.quant_min, observer.quant_max, self.ch_axis,
-            self.is_per_channel, self.is_symmetric_quant,
+            self.is_per_channel, self.is_symmetric_quant, self.contiguous_grad,
         )
 
 
 class _FusedFakeQuant(torch.autograd.Function):
     """`torch.fused_moving_avg_obs_fake_quant` with its backward as `where(mask, grad, 0)`.
 
-    torch's derivative multiplies the incoming gradient by the bool mask of in-range values,
-    cast to float first; the cast and the product cost two passes over every activation plus the
-    copies they caused downstream: 2.7 of 7.9 s of a QAT step in the profiler (PointNeXt-S width
-    32, batch 32, 1 thread), one third of QAT's cost over FP32. `where` takes one pass. The
-    values are the same (a masked-out gradient is +0 where the product gave ±0), as are whole
-    QAT steps (tests/test_qat_fake_quant_layout.py). The forward is the same kernel as torch's
-    (`_fused_moving_avg_obs_fq_helper`, which also updates the observer in place).
+    torch's derivative multiplies the incoming gradient by the bool mask of in-range values, cast
+    to float first: two passes over every activation where `where` takes one. The result keeps
+    the incoming gradient's memory layout, as torch's product does, so whole QAT steps stay bit
+    for bit torch's (tests/test_qat_fake_quant_layout.py; a masked-out gradient is +0 where the
+    product gave ±0). With `contiguous_grad` (`qat_numerics=fast`) it is written contiguously
+    instead: the gradient reaching a fake quant comes from the neighbour gather's backward in
+    another layout than the activation, and keeping that layout made the convolutions' backward
+    copy it (2.7 of 7.9 s of a QAT step in the profiler, PointNeXt-S width 32, batch 32, 1
+    thread); sums then run in another order, so the last bits differ. The forward is torch's
+    kernel (`_fused_moving_avg_obs_fq_helper`, which also updates the observer in place).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        out, mask = torch.ops.aten._fused_moving_avg_obs_fq_helper(x, *args)
+        *helper_args, ctx.contiguous_grad = args
+        out, mask = torch.ops.aten._fused_moving_avg_obs_fq_helper(x, *helper_args)
         ctx.save_for_backward(mask)
         ctx.num_args = len(args)
         return out
@@ -202,7 +209,12 @@ class _FusedFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        return (torch.where(mask, grad, 0.0), *([None] * ctx.num_args))
+        if ctx.contiguous_grad:
+            masked = torch.where(mask, grad, 0.0)  # the mask's layout: contiguous
+        else:
+            masked = torch.empty_like(grad)  # the gradient's layout, as torch's product
+            torch.where(mask, grad, grad.new_zeros(()), out=masked)
+        return (masked, *([None] * ctx.num_args))
 
 
 def memory_order(x: torch.Tensor) -> list[int] | None:
@@ -321,7 +333,7 @@ def prepare_qat(model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> Gra
         prepared = prepare_qat_fx(
             copy.deepcopy(model), mapping, _as_tuple(example_inputs), backend_config=_backend_config()
         )
-    return fold_bn_on_weights(prepared) if spec.bn_fold == "weight" else prepared
+    return fast_qat_numerics(prepared) if spec.qat_numerics == "fast" else prepared
 
 
 def _weight_side_bn_fold(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
@@ -338,17 +350,20 @@ def _weight_side_bn_fold(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
     return self.bn(self._conv_forward(input, self.weight_fake_quant(self.weight * scale) / scale, self.bias))
 
 
-def fold_bn_on_weights(prepared: GraphModule) -> GraphModule:
-    """Makes every QAT conv+BN(+ReLU) of `prepared` simulate BN folding on the weight (`spec.bn_fold=weight`).
+def fast_qat_numerics(prepared: GraphModule) -> GraphModule:
+    """Switches `prepared` to `spec.qat_numerics=fast` (in place; returned).
 
-    In place; returned. The method is bound per module (their state dicts, conversion and
-    checkpoints are unchanged; `copy.deepcopy` keeps the binding). Measured on PointNeXt-S width
-    32, batch 32, 2 threads: QAT 1.30x → 1.07x an FP32 step, KD-QAT as the tools run it 1.42x →
-    1.20x (the division of every conv output and its backward; docs/performance.md).
+    Every QAT conv+BN(+ReLU) gets `_weight_side_bn_fold` as its forward, bound per module, and
+    every activation fake quant writes its masked gradient contiguously (`_FusedFakeQuant`).
+    State dicts, conversion and checkpoints are unchanged; `copy.deepcopy` keeps both. Measured
+    on PointNeXt-S width 32, batch 32, 2 threads (docs/performance.md): QAT 1.07x and KD-QAT as
+    the tools run it 1.20x an FP32 step, against ~1.7x and ~1.8x with torch's arithmetic.
     """
     for module in prepared.modules():
         if isinstance(module, _ConvBnNd):
             module._forward_approximate = types.MethodType(_weight_side_bn_fold, module)
+        if isinstance(module, MemoryOrderFusedFakeQuantize):
+            module.contiguous_grad = True
     return prepared
 
 

@@ -46,7 +46,7 @@ __all__ = [
     "PT2E_BACKENDS",
     "WEIGHT_SCHEMES",
     "ACTIVATION_OBSERVERS",
-    "BN_FOLDS",
+    "QAT_NUMERICS",
     "OVERRIDE_TYPES",
     "BITS",
     "weight_range",
@@ -77,9 +77,9 @@ WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 # Activation range estimators: EMA of batch min/max (the QAT default), running min/max
 # (exact range of everything seen: good for short calibrations), histogram with an L2-optimal
 # clipping search (PyTorch's PTQ default for fbgemm; slow, and not fused in QAT).
-# How QAT simulates BN folding in a conv+BN (qat/fx.py: fold_bn_on_weights): "output" is torch.ao's
-# (divide the conv output by the BN scale), "weight" divides the fake-quantized weight instead.
-BN_FOLDS = ("output", "weight")
+# How a QAT step computes (qat/fx.py: fast_qat_numerics): "torch" is torch.ao's arithmetic bit for bit,
+# "fast" two reformulations of it, the same in exact arithmetic, with other float rounding.
+QAT_NUMERICS = ("torch", "fast")
 ACTIVATION_OBSERVERS = ("moving_average_minmax", "minmax", "histogram")
 # Module classes (by `torch.nn` name) that `type_overrides` may name. Only weighted layers:
 # they are the units the per-layer search chooses for.
@@ -211,14 +211,14 @@ class QConfigSpec:
             'encoder.encoder.0.0.convs.0'. Names are those of the float model.
         module_overrides: Per module name, what differs from the globals.
         type_overrides: Per module type (`OVERRIDE_TYPES`, e.g. 'Linear'), what differs.
-        bn_fold: How QAT simulates folding BN into the conv before it (FX backends): 'output'
-            (torch.ao's: the conv runs on the fake-quantized, BN-scaled weight and its output is
-            divided by the BN scale, an elementwise pass over every activation, forward and
-            backward) or 'weight' (the fake-quantized, BN-scaled weight is divided back before
-            the conv: the same function and gradients in exact arithmetic, other float rounding,
-            and a QAT step 0.8x as long on PointNeXt-S: 1.07x instead of 1.30x an FP32 step;
-            docs/performance.md). The converted int8 model does not depend on it. 'output' is the
-            default so earlier results reproduce.
+        qat_numerics: How a QAT step computes (FX backends). 'torch' (the default): torch.ao's
+            arithmetic bit for bit, so earlier results reproduce. 'fast': conv+BN divides the
+            fake-quantized weight by the BN scale instead of every conv output, and the fake
+            quant's masked gradient is written contiguously instead of in the incoming
+            gradient's layout (which made the next convolutions' backward copy): the same
+            function and gradients in exact arithmetic, other float rounding, and a KD-QAT step
+            of 1.20x instead of ~1.8x an FP32 step on PointNeXt-S (docs/performance.md). The
+            converted int8 model does not depend on it.
     """
 
     backend: str = "fbgemm"
@@ -230,7 +230,7 @@ class QConfigSpec:
     keep_fp32: list[str] = field(default_factory=list)
     module_overrides: dict[str, LayerChoice] = field(default_factory=dict)
     type_overrides: dict[str, LayerChoice] = field(default_factory=dict)
-    bn_fold: str = "output"
+    qat_numerics: str = "torch"
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
@@ -238,7 +238,7 @@ class QConfigSpec:
         _choice(self.backend, BACKENDS + tuple(BACKEND_ALIASES), "backend")
         _choice(self.weight, WEIGHT_SCHEMES, "weight")
         _choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
-        _choice(self.bn_fold, BN_FOLDS, "bn_fold")
+        _choice(self.qat_numerics, QAT_NUMERICS, "qat_numerics")
         if not isinstance(self.reduce_range, bool):
             raise SpecError(f"reduce_range={self.reduce_range!r}: use true or false")
         _bits(self.weight_bits, "weight_bits")
@@ -280,9 +280,9 @@ class QConfigSpec:
             if value is not None and value != 8:
                 raise SpecError(f"{where}={value} cannot be expressed with backend {self.backend}: the PT2E backend "
                                 "quantizes to 8 bits only; use 8, or backend fbgemm for sub-8-bit layers")
-        if self.bn_fold != "output":
-            raise SpecError(f"bn_fold={self.bn_fold} cannot be expressed with backend {self.backend}: the PT2E "
-                            "backend folds BN its own way; use bn_fold=output, or backend fbgemm")
+        if self.qat_numerics != "torch":
+            raise SpecError(f"qat_numerics={self.qat_numerics} cannot be expressed with backend {self.backend}: the "
+                            "PT2E backend has its own QAT modules; use qat_numerics=torch, or backend fbgemm")
         choices = [("weight", self.weight)]
         choices += [(f"module_overrides[{k!r}].weight", c.weight) for k, c in self.module_overrides.items()]
         choices += [(f"type_overrides[{k!r}].weight", c.weight) for k, c in self.type_overrides.items()]
@@ -334,7 +334,7 @@ class QConfigSpec:
             "keep_fp32": list(self.keep_fp32),
             "module_overrides": {k: v.to_dict() for k, v in self.module_overrides.items()},
             "type_overrides": {k: v.to_dict() for k, v in self.type_overrides.items()},
-            "bn_fold": self.bn_fold,
+            "qat_numerics": self.qat_numerics,
         }
 
     @classmethod

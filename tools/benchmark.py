@@ -459,11 +459,10 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     variants = {"fp32": (model.train(), False, False, False), "qat": (prepared, False, False, False),
                 "kd_qat": (prepared, True, False, False), "kd_qat_shared": (prepared, True, True, False),
                 "kd_qat_folded": (prepared, True, True, True)}
-    if spec.backend in qat.FX_BACKENDS:  # the same steps with BN folded on the weights in QAT (spec.bn_fold)
-        on_weights = qat.prepare_qat(copy.deepcopy(model).train(),
-                                     qat.QConfigSpec.from_dict({**spec.to_dict(), "bn_fold": "weight"}), (xyz[:2], feats[:2]))
-        variants.update({"qat_bn_fold_weight": (on_weights, False, False, False),
-                         "kd_qat_bn_fold_weight": (on_weights, True, True, True)})
+    if spec.backend in qat.FX_BACKENDS:  # the same steps with the fast QAT arithmetic (spec.qat_numerics)
+        fast = qat.prepare_qat(copy.deepcopy(model).train(),
+                               qat.QConfigSpec.from_dict({**spec.to_dict(), "qat_numerics": "fast"}), (xyz[:2], feats[:2]))
+        variants.update({"qat_fast": (fast, False, False, False), "kd_qat_fast": (fast, True, True, True)})
     steps = {}
     for name, (student, kd, shared, folded) in variants.items():
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -476,7 +475,7 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     out["kd_qat_shared_over_kd_qat"] = out["kd_qat_shared_ms"] / out["kd_qat_ms"]
     out["kd_qat_folded_over_fp32"] = out["kd_qat_folded_ms"] / out["fp32_ms"]
     out["kd_qat_folded_over_kd_qat_shared"] = out["kd_qat_folded_ms"] / out["kd_qat_shared_ms"]
-    for name in ("qat_bn_fold_weight", "kd_qat_bn_fold_weight"):
+    for name in ("qat_fast", "kd_qat_fast"):
         if f"{name}_ms" in out:
             out[f"{name}_over_fp32"] = out[f"{name}_ms"] / out["fp32_ms"]
     return out
@@ -608,10 +607,10 @@ def report(result: dict) -> None:
               f"{t['kd_qat_shared_ms']:.0f} ms ({t['kd_qat_shared_over_fp32']:.2f}x; "
               f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT), and with the teacher's BN folded too "
               f"{t['kd_qat_folded_ms']:.0f} ms ({t['kd_qat_folded_over_fp32']:.2f}x)")
-        if "kd_qat_bn_fold_weight_ms" in t:
-            print(f"  train step with qat.bn_fold=weight: QAT {t['qat_bn_fold_weight_ms']:.0f} ms "
-                  f"({t['qat_bn_fold_weight_over_fp32']:.2f}x), KD-QAT as the tools run it "
-                  f"{t['kd_qat_bn_fold_weight_ms']:.0f} ms ({t['kd_qat_bn_fold_weight_over_fp32']:.2f}x)")
+        if "kd_qat_fast_ms" in t:
+            print(f"  train step with qat.qat_numerics=fast: QAT {t['qat_fast_ms']:.0f} ms "
+                  f"({t['qat_fast_over_fp32']:.2f}x), KD-QAT as the tools run it "
+                  f"{t['kd_qat_fast_ms']:.0f} ms ({t['kd_qat_fast_over_fp32']:.2f}x)")
     if "sweep" in result:
         s = result["sweep"]
         print("  slopes vs points: " + ", ".join(f"{k.split('slope_')[1]} {v:.2f}" for k, v in s.items() if k.startswith("points_slope")))

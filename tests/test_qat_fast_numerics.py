@@ -1,9 +1,9 @@
-"""`bn_fold=weight` (qat/fx.py: fold_bn_on_weights) trains the same function as torch.ao's conv+BN QAT.
+"""`qat_numerics=fast` (qat/fx.py: fast_qat_numerics) trains the same function as torch.ao's QAT arithmetic.
 
-torch.ao divides every conv output by the BN scale; the weight-side fold divides the
-fake-quantized weight instead. In exact arithmetic the two are one function with one gradient;
-in float they differ by rounding only. Each test also shows that a fold that is wrong by a factor
-of the scale would fail it.
+torch.ao divides every conv output by the BN scale; the fast step divides the fake-quantized
+weight instead, and writes the fake quant's masked gradient contiguously. In exact arithmetic
+the two are one function with one gradient; in float they differ by rounding only. A fold that
+is wrong by a factor of the scale fails the comparison (the negative control).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qat
-from qat.fx import fold_bn_on_weights
+from qat.fx import fast_qat_numerics
 from models import create_model
 from test_qat_standin import one_thread  # noqa: F401 (autouse fixture)
 
@@ -25,7 +25,7 @@ def clouds(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def students() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The same QAT student twice: torch.ao's fold and the weight-side fold; BN with non-trivial γ and
+    """The same QAT student twice: torch's arithmetic and the fast one; BN with non-trivial γ and
     running statistics (the ones at init would make the BN scale nearly 1 and the test blind)."""
     torch.manual_seed(0)
     model = create_model("pointnext_s", num_classes=6, width=8)
@@ -34,7 +34,7 @@ def students() -> tuple[torch.nn.Module, torch.nn.Module]:
             module.weight.data.uniform_(0.5, 2.0)
             module.running_var.uniform_(0.2, 3.0)
     output = qat.prepare_qat(model.train(), qat.QConfigSpec(), clouds(2, 0))
-    weight = qat.prepare_qat(model.train(), qat.QConfigSpec(bn_fold="weight"), clouds(2, 0))
+    weight = qat.prepare_qat(model.train(), qat.QConfigSpec(qat_numerics="fast"), clouds(2, 0))
     weight.load_state_dict(output.state_dict())
     for student in (output, weight):  # observers see one batch, then stay; BN uses its running statistics
         with torch.no_grad():
@@ -54,7 +54,7 @@ def loss_and_grads(student: torch.nn.Module) -> tuple[torch.Tensor, dict[str, to
     return logits.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
 
-def test_weight_side_fold_gives_the_same_logits_and_gradients(students):
+def test_fast_numerics_give_the_same_logits_and_gradients(students):
     output, weight = students
     (logits_a, grads_a), (logits_b, grads_b) = loss_and_grads(output), loss_and_grads(weight)
     assert grads_a.keys() == grads_b.keys() and any(".bn.weight" in n for n in grads_a)  # γ learns through the fold
@@ -76,23 +76,23 @@ def test_a_fold_off_by_the_scale_fails_the_comparison(students, monkeypatch):
         out = self._conv_forward(input, self.weight_fake_quant(self.weight * scale) / scale, self.bias)
         return self.bn(out / scale.reshape(1, -1, *([1] * (out.dim() - 2))))
     monkeypatch.setattr(fx, "_weight_side_bn_fold", divided_twice)
-    wrong = fold_bn_on_weights(copy.deepcopy(weight))
+    wrong = fast_qat_numerics(copy.deepcopy(weight))
     logits_a, _ = loss_and_grads(output)
     logits_b, _ = loss_and_grads(wrong)
     assert float((logits_a - logits_b).norm() / logits_a.norm()) > 1e-3  # measured: 0.41
 
 
-def test_bn_fold_converts_to_the_same_int8_model(students):
+def test_fast_numerics_convert_to_the_same_int8_model(students):
     """The int8 model folds BN itself (from the weights and statistics), whatever the QAT forward did."""
     output, weight = students
     xyz, feats = clouds(4, 3)
     assert torch.equal(qat.convert(output)(xyz, feats), qat.convert(weight)(xyz, feats))
 
 
-def test_bn_fold_is_a_checked_spec_field():
-    assert qat.QConfigSpec().to_dict()["bn_fold"] == "output"
-    assert qat.QConfigSpec.from_dict({"bn_fold": "weight"}).bn_fold == "weight"
-    with pytest.raises(qat.SpecError, match="bn_fold"):
-        qat.QConfigSpec(bn_fold="activation")
-    with pytest.raises(qat.SpecError, match="bn_fold=weight cannot be expressed with backend pt2e_x86"):
-        qat.QConfigSpec(backend="pt2e_x86", bn_fold="weight")
+def test_qat_numerics_is_a_checked_spec_field():
+    assert qat.QConfigSpec().to_dict()["qat_numerics"] == "torch"
+    assert qat.QConfigSpec.from_dict({"qat_numerics": "fast"}).qat_numerics == "fast"
+    with pytest.raises(qat.SpecError, match="qat_numerics"):
+        qat.QConfigSpec(qat_numerics="quick")
+    with pytest.raises(qat.SpecError, match="qat_numerics=fast cannot be expressed with backend pt2e_x86"):
+        qat.QConfigSpec(backend="pt2e_x86", qat_numerics="fast")
