@@ -21,7 +21,8 @@ as an OpenVINO IR (`qat/openvino.py`: the same qparams as the TorchScript artifa
 quantize/dequantize, head), sizes, peak memory and time against the number of points (each
 size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT
 (KD-QAT twice: teacher and student each searching neighbourhoods, and sharing one search under
-`models.neighbors.shared_neighborhoods`, as the training tools run it).
+`models.neighbors.shared_neighborhoods`, as the training tools run it; QAT and KD-QAT again with
+`qat.qat_numerics=fast`).
 Writes `benchmark.json` and `benchmark.png` into the run directory.
 """
 from __future__ import annotations
