@@ -25,7 +25,9 @@ How (`export_openvino`):
 3. `keep_residual_requantization`: stops OpenVINO from fusing away a requantization at each
    residual add.
 4. `openvino.convert_model` + `save_model`: `model_int8_openvino.xml` / `.bin` and the JSON
-   sidecar (`qat/export.py`'s, plus the neighbour searches the runner needs).
+   sidecar (`qat/export.py`'s, plus the neighbour searches), and the search itself as a small
+   TorchScript artifact beside it (`model_int8_openvino_search.pt`), so the IR runs with torch
+   and openvino alone.
 
 Fidelity: the twin equals the int8 model (float arithmetic on the same grids; 0 output steps
 apart on the test models), and the IR, run by OpenVINO, keeps every requantization of it: what
@@ -55,14 +57,13 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import _kernels
 from models._precomputed import NeighbourIndices, index_fed, local_group_given, sample_and_group_given
 
 from . import fx
-from .export import _torchscript_warnings_silenced, file_size_mb, read_sidecar, write_sidecar
+from .export import artifact_mode, export_int8, file_size_mb, load_int8, read_sidecar, write_sidecar
 
 __all__ = ["FORMAT", "SUFFIX", "fake_quant_twin", "quantize_before_gather", "keep_residual_requantization",
-           "export_openvino", "OpenVinoRunner"]
+           "search_path", "export_openvino", "OpenVinoRunner"]
 
 FORMAT = "openvino"
 SUFFIX = ".xml"
@@ -253,9 +254,21 @@ def keep_residual_requantization(network: torch.fx.GraphModule) -> torch.fx.Grap
     return network
 
 
+def search_path(path: str | Path) -> Path:
+    """`model_int8_openvino.xml` → `model_int8_openvino_search.pt`, the IR's neighbour search."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_search.pt")
+
+
 def export_openvino(prepared: torch.fx.GraphModule, path: str | Path, sidecar: dict[str, Any],
-                    example_inputs: tuple[torch.Tensor, torch.Tensor]) -> Path:
+                    example_inputs: tuple[torch.Tensor, torch.Tensor], mode: str = "auto") -> Path:
     """Converts `prepared` (FX, trained or calibrated) and writes its int8 model as an OpenVINO IR.
+
+    Beside the IR goes its neighbour search as a TorchScript artifact (`search_path`, written by
+    `qat.export.export_int8` with its own sidecar and, in `kernels` mode, the compiled ops'
+    library), so a process without this project runs the IR with torch and openvino alone:
+    load the library its sidecar names, `torch.jit.load` the search, feed `(xyz, feats,
+    *search(xyz))` to the compiled IR and read output 0 (tests/test_qat_openvino.py does exactly that).
 
     Args:
         prepared: From `qat.prepare_qat` / `prepare_ptq` with an FX backend (left unchanged).
@@ -263,6 +276,8 @@ def export_openvino(prepared: torch.fx.GraphModule, path: str | Path, sidecar: d
             three appear whole or not at all (written in a temporary directory, then moved).
         sidecar: As for the TorchScript artifact (class names, number of points, layout, ...).
         example_inputs: `(xyz, feats)` to trace with (batch and points are left dynamic).
+        mode: The search artifact's neighbour ops, as `qat.artifact_mode` resolves the `artifact`
+            setting (`auto`: the compiled ones when built).
 
     Returns:
         The `.xml` path.
@@ -279,6 +294,8 @@ def export_openvino(prepared: torch.fx.GraphModule, path: str | Path, sidecar: d
         warnings.simplefilter("ignore")  # the trace's notes on shape checks: the IR keeps batch and points dynamic
         indices = NeighbourIndices(searches)(xyz)
         model = ov.convert_model(network.eval(), example_input=(xyz, feats, *indices))
+    search = export_int8(NeighbourIndices(searches), search_path(path), {"for": path.name, "neighbour_search": searches},
+                         artifact_mode(mode))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as scratch:
         staged = Path(scratch) / path.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
@@ -286,16 +303,17 @@ def export_openvino(prepared: torch.fx.GraphModule, path: str | Path, sidecar: d
             os.replace(produced, path.parent / produced.name)
     write_sidecar(path, {"artifact": path.name, "format": FORMAT, "weights": path.with_suffix(".bin").name,
                          "size_mb": file_size_mb(path) + file_size_mb(path.with_suffix(".bin")),
-                         "neighbour_search": searches, **sidecar})
+                         "neighbour_search": searches, "search": search.name, **sidecar})
     return path
 
 
 class OpenVinoRunner:
     """An OpenVINO int8 artifact as a deployment runs it: `runner(xyz, feats=None) -> logits`.
 
-    The neighbour indices come from this project's search (TorchScript, the compiled ops when
-    built), the network from OpenVINO, compiled for the CPU once per input shape (static shapes
-    run faster) with `threads` inference threads (default: torch's intra-op thread count).
+    The neighbour indices come from the search artifact exported beside the IR (TorchScript,
+    with the compiled ops when it was exported with them), the network from OpenVINO, compiled
+    for the CPU once per input shape (static shapes run faster) with `threads` inference threads
+    (default: torch's intra-op thread count).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
@@ -304,12 +322,11 @@ class OpenVinoRunner:
         if not path.is_file():
             raise FileNotFoundError(f"OpenVINO artifact {path}: no such file; pass the model_int8_openvino.xml of a run")
         info = read_sidecar(path)
-        if info.get("format") != FORMAT or "neighbour_search" not in info:
+        if info.get("format") != FORMAT or "search" not in info:
             raise ValueError(f"{path.with_suffix('.json').name}: not the sidecar of an OpenVINO artifact "
-                             "(format, neighbour_search); re-export it")
+                             "(format, search); re-export it")
         self.path = path
-        with _torchscript_warnings_silenced():
-            self.search = _kernels.script(NeighbourIndices(info["neighbour_search"]), kernels=_kernels.available())
+        self.search = load_int8(path.parent / info["search"])  # its compiled ops' library first, if it names one
         self.model = ov.Core().read_model(str(path))
         self.core = ov.Core()
         self.threads = threads

@@ -104,7 +104,7 @@ def openvino_figures(prepared: nn.Module, cfg: DictConfig, d: pipeline.Data, run
     from qat.openvino import OpenVinoRunner, export_openvino  # the optional openvino package, only when asked
 
     example = random_clouds(2, d.num_points, d.in_channels, torch.Generator().manual_seed(2))
-    path = export_openvino(prepared, run_dir / "model_int8_openvino.xml", sidecar, example)
+    path = export_openvino(prepared, run_dir / "model_int8_openvino.xml", sidecar, example, mode=cfg.artifact)
     runner = OpenVinoRunner(path, threads=cfg.bench.threads)
     return {"artifact": path.name, "size_mb": qat.read_sidecar(path)["size_mb"], **artifact_accuracy(runner, d),
             "latency_ms": pipeline.model_latency(runner, cfg, d)}

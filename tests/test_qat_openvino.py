@@ -7,6 +7,7 @@ classifies like the TorchScript artifact.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -157,8 +158,10 @@ def test_openvino_keeps_the_residual_requantization_only_when_guarded(prepared):
 def test_openvino_ir_computes_the_torchscript_artifacts_int8_model(prepared, tmp_path):
     pytest.importorskip("openvino")
     path = qov.export_openvino(prepared, tmp_path / "model_int8_openvino.xml", {"num_points": N}, clouds(2, 0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model_int8_openvino.bin", "model_int8_openvino.json", "model_int8_openvino.xml"]  # no staging left
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[:5] == ["model_int8_openvino.bin", "model_int8_openvino.json", "model_int8_openvino.xml",
+                         "model_int8_openvino_search.json", "model_int8_openvino_search.pt"]
+    assert names[5:] in ([], ["model_int8_openvino_search_kdqat_C.so"])  # the compiled ops, when built; no staging left
     runner = qov.OpenVinoRunner(path, threads=1)
     int8 = qat.convert(prepared)
     artifact = qat.load_int8(qat.export_int8(int8, tmp_path / "model_int8.pt", {}, None))
@@ -178,3 +181,39 @@ def test_export_refuses_a_path_that_is_not_xml(prepared, tmp_path):
     pytest.importorskip("openvino")
     with pytest.raises(ValueError, match=r"\.xml"):
         qov.export_openvino(prepared, tmp_path / "model.pt", {}, clouds(2, 0))
+
+
+PROBE = (  # a fresh interpreter, cwd outside the repo: torch, openvino and the exported files, no project code
+    "import json, os, sys, numpy, torch, openvino\n"
+    "xml, clouds, out = sys.argv[1:]\n"
+    "here = os.path.dirname(xml)\n"
+    "search_file = os.path.join(here, json.load(open(xml[:-4] + '.json'))['search'])\n"
+    "library = json.load(open(search_file[:-3] + '.json')).get('kernels')\n"
+    "if library:  # the search sidecar's `load` line\n"
+    "    torch.ops.load_library(os.path.join(here, library))\n"
+    "search = torch.jit.load(search_file)\n"
+    "xyz, feats = torch.load(clouds)\n"
+    "network = openvino.Core().compile_model(xml, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})\n"
+    "logits = network([t.numpy() for t in (xyz, feats, *search(xyz))])[0]\n"
+    "assert 'models' not in sys.modules and 'qat' not in sys.modules\n"
+    "torch.save(torch.from_numpy(numpy.ascontiguousarray(logits)), out)\n"
+)
+
+
+def test_the_ir_runs_without_the_project(prepared, tmp_path):
+    """A deployment with torch and openvino only: the probe above, in `python -I` outside the repo,
+    gives the runner's logits (which the test above checks against the int8 model, with its
+    negative control)."""
+    pytest.importorskip("openvino")
+    import subprocess
+
+    (tmp_path / "ir").mkdir()
+    path = qov.export_openvino(prepared, tmp_path / "ir" / "model_int8_openvino.xml", {}, clouds(2, 0))
+    xyz, feats = clouds(16, 31)
+    torch.save((xyz, feats), tmp_path / "clouds.pt")
+    (tmp_path / "probe.py").write_text(PROBE)
+    subprocess.run([sys.executable, "-I", str(tmp_path / "probe.py"), str(path), str(tmp_path / "clouds.pt"),
+                    str(tmp_path / "logits.pt")], cwd=tmp_path, check=True, timeout=300,
+                   env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+    probe_logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert torch.allclose(probe_logits, qov.OpenVinoRunner(path, threads=1)(xyz, feats), atol=1e-6)
