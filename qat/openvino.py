@@ -63,7 +63,7 @@ from . import fx
 from .export import artifact_mode, export_int8, file_size_mb, load_int8, read_sidecar, write_sidecar
 
 __all__ = ["FORMAT", "SUFFIX", "fake_quant_twin", "quantize_before_gather", "keep_residual_requantization",
-           "search_path", "export_openvino", "OpenVinoRunner"]
+           "search_path", "export_openvino", "CompiledPerShape", "OpenVinoRunner"]
 
 FORMAT = "openvino"
 SUFFIX = ".xml"
@@ -307,6 +307,27 @@ def export_openvino(prepared: torch.fx.GraphModule, path: str | Path, sidecar: d
     return path
 
 
+class CompiledPerShape:
+    """An OpenVINO model compiled for the CPU once per input shape (static shapes run faster),
+    called on torch tensors, returning output 0 as a torch tensor. `config`: OpenVINO's
+    compile properties beside the thread count (default: torch's intra-op thread count)."""
+
+    def __init__(self, model: Any, threads: int | None = None, config: dict[str, Any] | None = None) -> None:
+        self.model, self.threads, self.config = model, threads, dict(config or {})
+        self.core = _openvino().Core()
+        self.compiled: dict[tuple, Any] = {}
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        inputs = [t.detach().contiguous().numpy() for t in tensors]  # views when already contiguous
+        shapes = tuple(a.shape for a in inputs)
+        if shapes not in self.compiled:
+            model = self.model.clone()
+            model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
+            threads = self.threads or torch.get_num_threads()
+            self.compiled[shapes] = self.core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **self.config})
+        return torch.from_numpy(self.compiled[shapes](inputs)[0])
+
+
 class OpenVinoRunner:
     """An OpenVINO int8 artifact as a deployment runs it: `runner(xyz, feats=None) -> logits`.
 
@@ -327,22 +348,11 @@ class OpenVinoRunner:
                              "(format, search); re-export it")
         self.path = path
         self.search = load_int8(path.parent / info["search"])  # its compiled ops' library first, if it names one
-        self.model = ov.Core().read_model(str(path))
-        self.core = ov.Core()
-        self.threads = threads
-        self.compiled: dict[tuple, Any] = {}
+        self.compiled = CompiledPerShape(ov.Core().read_model(str(path)), threads, {"INFERENCE_PRECISION_HINT": "f32"})
 
     def network(self, xyz: torch.Tensor, feats: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
         """The OpenVINO network alone, on indices already searched (what `tools/benchmark.py` times)."""
-        inputs = [t.detach().contiguous().numpy() for t in (xyz, feats, *indices)]
-        shapes = tuple(a.shape for a in inputs)
-        if shapes not in self.compiled:
-            model = self.model.clone()
-            model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
-            threads = self.threads or torch.get_num_threads()
-            self.compiled[shapes] = self.core.compile_model(
-                model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
-        return torch.from_numpy(self.compiled[shapes](inputs)[0])
+        return self.compiled(xyz, feats, *indices)
 
     def __call__(self, xyz: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
         xyz = xyz.float().cpu()

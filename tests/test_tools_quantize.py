@@ -35,6 +35,12 @@ def read_metrics(run_dir: Path) -> dict:
 
 def artifact_oa(run_dir: Path) -> float:
     """Test OA of the run's int8 artifact, recomputed here from the file and the run's own config."""
+    preds, labels = predict_test_split(run_dir, torch.jit.load(str(run_dir / "model_int8.pt")))
+    return (preds == labels).double().mean().item() * 100
+
+
+def predict_test_split(run_dir: Path, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, label) of every test cloud of the run's own dataset config, by `model(xyz, feats)`."""
     from omegaconf import OmegaConf
 
     import data
@@ -42,8 +48,7 @@ def artifact_oa(run_dir: Path) -> float:
     test = data.build_dataset(OmegaConf.load(run_dir / "config.yaml").dataset, "test")
     batch = next(iter(data.build_loader(test, len(test), shuffle=False)))
     with torch.no_grad():
-        preds = torch.jit.load(str(run_dir / "model_int8.pt"))(batch["xyz"], batch["feats"]).argmax(1)
-    return (preds == batch["label"]).double().mean().item() * 100
+        return model(batch["xyz"], batch["feats"]).argmax(1), batch["label"]
 
 
 @pytest.mark.slow
@@ -199,17 +204,6 @@ def test_static_w4a4_writes_accuracy_file_size_and_packed_size(workdir, compare_
     assert m["size_mb_packed"] < packed_size_mb(model, QConfigSpec()) < m["fp32"]["size_mb_packed"]
 
 
-def _test_predictions(run_dir: Path, model) -> torch.Tensor:
-    from omegaconf import OmegaConf
-
-    import data
-
-    test = data.build_dataset(OmegaConf.load(run_dir / "config.yaml").dataset, "test")
-    batch = next(iter(data.build_loader(test, len(test), shuffle=False)))
-    with torch.no_grad():
-        return model(batch["xyz"], batch["feats"]).argmax(1), batch["label"]
-
-
 @pytest.mark.slow
 def test_openvino_true_writes_the_same_int8_model_as_an_ir_and_measures_it(workdir, compare_run):
     """`openvino=true`: model_int8_openvino.xml/.bin beside model_int8.pt, its reported accuracy is
@@ -223,9 +217,9 @@ def test_openvino_true_writes_the_same_int8_model_as_an_ir_and_measures_it(workd
     for name in ("model_int8_openvino.xml", "model_int8_openvino.bin", "model_int8_openvino.json"):
         assert (run / name).is_file(), name
     reported = read_metrics(run)["openvino"]
-    ir_preds, labels = _test_predictions(run, qat.load_int8(run / "model_int8_openvino.xml"))
+    ir_preds, labels = predict_test_split(run, qat.load_int8(run / "model_int8_openvino.xml"))
     assert reported["oa"] == pytest.approx((ir_preds == labels).double().mean().item() * 100)
-    int8_preds, _ = _test_predictions(run, torch.jit.load(str(run / "model_int8.pt")))
+    int8_preds, _ = predict_test_split(run, torch.jit.load(str(run / "model_int8.pt")))
     assert (ir_preds != int8_preds).sum() <= 1  # of 40
     # tools/evaluate.py reads the .xml like any artifact and reproduces the reported figure
     run_tool("evaluate.py", workdir, f"checkpoint={run / 'model_int8_openvino.xml'}", *_tools.TINY_DATA,

@@ -48,7 +48,7 @@ from distill import DistillationLoss, FrozenTeacher
 from models import _kernels, create_model, load_checkpoint
 from models._precomputed import NeighbourIndices, PrecomputedPointNeXt
 from models.neighbors import NeighborhoodMemo, shared_neighborhoods
-from qat.openvino import OpenVinoRunner, export_openvino
+from qat.openvino import CompiledPerShape, OpenVinoRunner, export_openvino
 from runtime import pipeline
 from runtime.config import validate_config
 from runtime.exits import hydra_entry, main_guard
@@ -175,19 +175,12 @@ class OpenVinoInt8Network:
         samples = [(xyz, feats, *search(xyz)) for xyz, feats in calibration]
         with torch.no_grad():
             model = ov.convert_model(network, example_input=samples[0])
-        self.model = nncf.quantize(model, nncf.Dataset(samples, lambda item: tuple(t.numpy() for t in item)),
-                                   subset_size=len(samples))
-        self.core, self.threads = ov.Core(), threads
-        self.compiled: dict[tuple, object] = {}
+        quantized = nncf.quantize(model, nncf.Dataset(samples, lambda item: tuple(t.numpy() for t in item)),
+                                  subset_size=len(samples))
+        self.compiled = CompiledPerShape(quantized, threads)  # OpenVINO's default precision, as a user gets it
 
     def __call__(self, xyz: torch.Tensor, feats: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
-        inputs = [t.numpy() for t in (xyz, feats, *indices)]  # views, no copies
-        shapes = tuple(a.shape for a in inputs)
-        if shapes not in self.compiled:
-            model = self.model.clone()
-            model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
-            self.compiled[shapes] = self.core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": self.threads})
-        return torch.from_numpy(self.compiled[shapes](inputs)[0])
+        return self.compiled(xyz, feats, *indices)
 
 
 def our_openvino_artifact(cfg: DictConfig, prepared: torch.fx.GraphModule, run_dir: Path) -> OpenVinoRunner | None:
