@@ -31,7 +31,7 @@ from .backend import (
 )
 from .deploy import Deployed, deploy, load_deployed
 from .export import artifact_mode, file_size_mb, packed_size_mb, read_checked_sidecar, read_sidecar, sidecar_path
-from .fx import build_qconfig_mapping
+from .fx import build_qconfig_mapping, int8_engine, preferred_int8_engine
 from .ptq import calibrate
 from .schedule import QuantSchedule, group_stages, stage_key
 from .spec import (
@@ -78,6 +78,8 @@ __all__ = [
     "ARTIFACT_SUFFIXES",
     "export_int8",
     "load_int8",
+    "int8_engine",
+    "preferred_int8_engine",
     "inference_runner",
     "read_sidecar",
     "read_checked_sidecar",

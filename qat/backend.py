@@ -121,8 +121,10 @@ def prepare_ptq(model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> nn.
     return for_spec(spec).prepare_ptq(model, spec, example_inputs)
 
 
-def convert(prepared: nn.Module) -> nn.Module:
-    return for_model(prepared).convert(prepared)
+def convert(prepared: nn.Module, engine: str | None = None) -> nn.Module:
+    """`engine`: FX only, the quantized engine the int8 weights are prepacked for (`fx.int8_engine`)."""
+    module = for_model(prepared)
+    return module.convert(prepared) if module is pt2e else fx.convert(prepared, engine=engine)
 
 
 def fake_quant_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -187,20 +189,21 @@ def export_int8(int8_model: nn.Module, path: str | Path, sidecar: dict[str, Any]
     return export.export_int8(int8_model, path, sidecar, mode)
 
 
-def load_int8(path: str | Path) -> nn.Module:
+def load_int8(path: str | Path, engine: str | None = None) -> nn.Module:
     """Loads an int8 artifact on CPU, the format chosen by its suffix (`.pt2`: PT2E, `.xml`: OpenVINO,
     else TorchScript).
 
     Trusted files only (see the module docstring). A `.pt2` needs torchao (its quantize ops) and
     this project's `models.neighbor_ops` (the neighbour-search custom ops), which this imports;
     an `.xml` (`qat/openvino.py`, a runner rather than a module) needs the openvino package.
+    `engine`: TorchScript only, the quantized engine its weights are prepacked for (`fx.int8_engine`).
     """
     suffix = Path(path).suffix
     if suffix == ARTIFACT_SUFFIXES["pt2e"]:
         return pt2e.load_int8(path)
     if suffix == openvino.SUFFIX:
         return openvino.OpenVinoRunner(path)  # type: ignore[return-value]
-    return export.load_int8(path)
+    return export.load_int8(path, engine)
 
 
 def inference_runner(

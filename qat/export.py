@@ -39,6 +39,7 @@ import torch.nn as nn
 from atomic_io import atomic_write
 from models import CheckpointError, _kernels
 
+from .fx import int8_engine, preferred_int8_engine
 from .spec import QConfigSpec
 
 __all__ = ["MODES", "artifact_mode", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar",
@@ -157,7 +158,7 @@ def export_int8(model: nn.Module, path: str | Path, sidecar: dict[str, Any], mod
         atomic_write(library, lambda tmp: shutil.copyfile(_kernels.library_path(), tmp))
         extra = {"kernels": library.name, "load": f"torch.ops.load_library('{library.name}')"}
     write_sidecar(path, {"artifact": path.name, "format": "torchscript", "size_mb": file_size_mb(path), **extra,
-                         **sidecar})
+                         "int8_engine": preferred_int8_engine(), **sidecar})
     return path
 
 
@@ -188,13 +189,14 @@ def _kernel_ops_registered() -> bool:
         return False
 
 
-def load_int8(path: str | Path) -> torch.jit.ScriptModule:
-    """Loads a trusted int8 artifact on CPU (fbgemm kernels are CPU-only), its compiled ops first if any."""
+def load_int8(path: str | Path, engine: str | None = None) -> torch.jit.ScriptModule:
+    """Loads a trusted int8 artifact on CPU, its compiled ops first if any, its weights prepacked
+    for `engine` (default `fx.preferred_int8_engine()`, oneDNN: what the run measured it with)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"int8 artifact {path}: no such file; pass the model_int8.pt of a run directory")
     load_kernels(path)
-    with _torchscript_warnings_silenced():
+    with _torchscript_warnings_silenced(), int8_engine(engine):
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 

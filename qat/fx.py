@@ -28,7 +28,10 @@ Numerics chosen here, and why (measured with torch 2.14.1):
 
 With these, the int8 model reproduces the fake-quant logits exactly as long as activations
 stay inside their observed ranges (tests/test_qat_fx.py). Beyond them the fake quant clips at
-the 7-bit maximum while the int8 model keeps values up to 255: the two then differ.
+the 7-bit maximum while the int8 model keeps values up to 255: the two then differ. On CPUs
+without AVX-512 VNNI there is a second difference there: fbgemm's and oneDNN's int8 kernels add
+u8 x s8 products in pairs into int16 (`vpmaddubsw`), which saturates once activations pass 127
+(the very reason for 7-bit activations; measured on an AVX2 CPU, tests/test_qat_openvino.py).
 
 Sub-8-bit layers (`weight_bits`, `activation_bits` of the spec) run on the same int8 kernels,
 with observers and fake quants built on the restricted integer ranges of `qat/spec.py`
@@ -93,6 +96,8 @@ __all__ = [
     "fast_qat_numerics",
     "prepare_ptq",
     "convert",
+    "preferred_int8_engine",
+    "int8_engine",
     "fake_quant_modules",
     "fake_quant_owners",
     "set_fake_quant",
@@ -425,7 +430,41 @@ def _clip_weights_to_fake_quant_range(model: nn.Module) -> None:
         module.weight.copy_(torch.maximum(torch.minimum(module.weight, bound), -bound))
 
 
-def convert(prepared: GraphModule, int8_neighbor_leaves: bool = True) -> GraphModule:
+def preferred_int8_engine() -> str:
+    """The quantized engine this project prepacks and runs int8 models with: oneDNN wherever torch has it.
+
+    Why not torch's default `x86`: it sends convolutions to oneDNN only on CPUs with AVX-512
+    VNNI and to fbgemm elsewhere. On an AVX2-only CPU the same artifact ran 1.37x faster
+    prepacked for oneDNN than for `x86` at batch 32 and 1.20x at batch 1 (docs/performance.md,
+    one process, interleaved), and on VNNI CPUs `x86` runs oneDNN's convolutions already. One
+    kernel library on every x86 CPU also means one requantization rounding: the accuracy a run
+    reports does not depend on whether the machine had VNNI.
+    """
+    supported = torch.backends.quantized.supported_engines
+    return "onednn" if "onednn" in supported else torch.backends.quantized.engine
+
+
+@contextlib.contextmanager
+def int8_engine(engine: str | None = None) -> Iterator[str]:
+    """Within: `torch.backends.quantized.engine` is `engine` (None: `preferred_int8_engine()`); restored after.
+
+    Int8 weights are prepacked for the engine current when they are packed (`convert_fx`, or
+    `torch.jit.load` of an artifact), and a packed model keeps its kernels whatever the engine
+    is later, so the process-wide setting only needs to hold while packing.
+    """
+    engine = engine or preferred_int8_engine()
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"int8 engine {engine!r} is not in this torch build; "
+                         f"use one of {torch.backends.quantized.supported_engines}")
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield engine
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def convert(prepared: GraphModule, int8_neighbor_leaves: bool = True, engine: str | None = None) -> GraphModule:
     """Lowers a prepared (QAT or calibrated PTQ) model to an int8 model for the spec's backend.
 
     Works on a deep copy, moved to CPU and put in eval mode, so the prepared student can keep
@@ -434,6 +473,7 @@ def convert(prepared: GraphModule, int8_neighbor_leaves: bool = True) -> GraphMo
     model uses the fake-quant model's qparams and weights. `int8_neighbor_leaves=False` skips
     the int8 neighbour-leaf rewrite (same outputs, slower): the numeric suite's graph matcher
     needs every op of the int8 graph to have its float counterpart (`layer_output_sqnr`).
+    `engine`: the quantized engine its weights are prepacked for (`int8_engine`; default oneDNN).
 
     Raises:
         ValueError: Some observer never saw data (no calibration or training forward ran), so
@@ -448,7 +488,7 @@ def convert(prepared: GraphModule, int8_neighbor_leaves: bool = True) -> GraphMo
     model = copy.deepcopy(prepared).cpu().eval()
     set_observer(fake_quant_modules(model), False)
     _clip_weights_to_fake_quant_range(model)
-    with _fx_warnings_silenced():
+    with _fx_warnings_silenced(), int8_engine(engine):
         int8 = convert_fx(model, backend_config=_backend_config())
     return _quantized_neighbor_leaves(int8) if int8_neighbor_leaves else int8
 

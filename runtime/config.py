@@ -119,6 +119,10 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"artifact={cfg.artifact} chooses the neighbour ops of the FX backends' TorchScript file; "
                               f"qat.backend={spec.backend} writes a .pt2 program: leave artifact=auto")
     _check_openvino(cfg)
+    engine = OmegaConf.select(cfg, "bench.int8_engine", default=None)
+    if engine is not None and engine not in torch.backends.quantized.supported_engines:
+        raise ConfigError(f"bench.int8_engine={engine!r}: use null (the project's, {qat.preferred_int8_engine()}) "
+                          f"or one of {torch.backends.quantized.supported_engines}")
     if cfg.teacher.ckpt and not Path(cfg.teacher.ckpt).is_file():
         raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: no such file; give a checkpoint path or leave it empty to train one")
     if not cfg.teacher.ckpt and cfg.teacher.epochs == 0 and not OmegaConf.select(cfg, "pretrained", default=""):

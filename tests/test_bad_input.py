@@ -292,6 +292,12 @@ def test_validate_config_refuses_zero_benchmark_threads():
     refused_in_process(lambda: validate_config(composed("bench.threads=0", tool="benchmark")), "bench.threads=0")
 
 
+def test_validate_config_refuses_an_int8_engine_this_torch_lacks():
+    validate_config(composed("bench.int8_engine=fbgemm", tool="benchmark"))  # negative control: a real engine
+    refused_in_process(lambda: validate_config(composed("bench.int8_engine=avx9", tool="benchmark")),
+                       "bench.int8_engine='avx9'", "onednn")
+
+
 # (case id, words the one line must contain): sidecars edited by hand. One end to end (predict's own
 # check of the class count against the artifact's output); the sidecar's own checks in-process.
 PREDICT_CASES = [

@@ -129,3 +129,40 @@ def test_an_artifact_is_a_function_of_the_model_alone(calibrated, tmp_path):
     with zipfile.ZipFile(artifact) as archive:
         code = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith(".py"))
     assert "dropout" not in code.lower()
+
+
+# ---- the int8 engine: one library packs every int8 model the project measures ----------------------
+def test_convert_and_load_pack_for_the_project_engine_and_leave_the_process_setting_alone(calibrated, tmp_path,
+                                                                                          monkeypatch):
+    """Packing happens in `convert_fx` and in `torch.jit.load`: both run under oneDNN, whatever engine the
+    process had chosen (torch's default `x86` would pick fbgemm on CPUs without AVX-512 VNNI), and the
+    process keeps its own setting afterwards. The sidecar names the engine for users loading by hand."""
+    if qat.preferred_int8_engine() != "onednn":
+        pytest.skip("this torch build has no oneDNN quantized engine")
+    model, spec, prepared = calibrated
+    packed_under = []
+    real_load, real_convert_fx = torch.jit.load, qat.fx.convert_fx
+
+    def recording(real):
+        def call(*args, **kwargs):
+            packed_under.append(torch.backends.quantized.engine)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch.jit, "load", recording(real_load))
+    monkeypatch.setattr(qat.fx, "convert_fx", recording(real_convert_fx))
+    with qat.int8_engine("fbgemm"):  # a process that chose another engine (the negative control)
+        deployed = qat.deploy(prepared, spec, tmp_path, {"num_points": N}, example_inputs=clouds, batch_sizes=(1,),
+                              float_model=model)
+        assert torch.backends.quantized.engine == "fbgemm"
+        qat.load_int8(deployed.artifact, engine="fbgemm")  # asked for explicitly: honoured
+    assert packed_under == ["onednn", "onednn", "fbgemm"]
+    assert read_sidecar(deployed.artifact)["int8_engine"] == "onednn"
+
+
+def test_an_engine_this_torch_lacks_is_refused_by_name():
+    engine = torch.backends.quantized.engine
+    with pytest.raises(ValueError, match="'avx9'.*" + qat.preferred_int8_engine()):
+        with qat.int8_engine("avx9"):
+            pass
+    assert torch.backends.quantized.engine == engine

@@ -108,14 +108,15 @@ def build_paths(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], torch.fx.G
     prepared = qat.prepare_ptq(copy.deepcopy(fp32), _spec_for(cfg, qat.FX_BACKENDS), example)
     qat.calibrate(prepared, calibration_clouds(cfg))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    converted = qat.convert(prepared)
+    engine = cfg.bench.int8_engine  # None: the project's (qat.preferred_int8_engine)
+    converted = qat.convert(prepared, engine=engine)
     sidecar = {"num_points": cfg.bench.points, "note": "benchmark, random weights"}
     mode = qat.artifact_mode(cfg.artifact)
     paths = {"fp32_eager": fp32, "fp32_folded": fold_bn(fp32),
-             "int8": qat.load_int8(qat.export_int8(converted, run_dir / "model_int8.pt", sidecar, None, mode))}
+             "int8": qat.load_int8(qat.export_int8(converted, run_dir / "model_int8.pt", sidecar, None, mode), engine)}
     if mode == "kernels":
         portable = qat.export_int8(converted, run_dir / "model_int8_portable.pt", sidecar, None)
-        paths["int8_portable"] = qat.load_int8(portable)
+        paths["int8_portable"] = qat.load_int8(portable, engine)
     return paths, converted, prepared
 
 
@@ -510,9 +511,7 @@ def run(cfg: DictConfig) -> None:
         load_checkpoint(create_model(cfg.model.name, num_classes=cfg.bench.num_classes, width=cfg.model.width),
                         cfg.pretrained)
     owner.write_config(cfg)
-    if cfg.bench.int8_engine:
-        torch.backends.quantized.engine = cfg.bench.int8_engine
-    engine = torch.backends.quantized.engine  # prepacks and runs every int8 path here, the artifact on reload too
+    engine = cfg.bench.int8_engine or qat.preferred_int8_engine()  # prepacks every int8 path here (build_paths)
     result: dict = {"config": OmegaConf.to_container(cfg.bench), "model": cfg.model.name, "width": cfg.model.width,
                     "torch": torch.__version__, "threads": cfg.bench.threads, "int8_engine": engine,
                     "artifact_mode": qat.artifact_mode(cfg.artifact)}
