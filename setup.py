@@ -1,4 +1,5 @@
-"""Builds the compiled neighbour ops, `models/csrc/*.cpp` → `models._C` (see `models/_kernels.py`).
+"""Builds the compiled CPU ops (neighbour search and grouping, the activation fake quant forward),
+`models/csrc/*.cpp` → `models._C` (see `models/_kernels.py`).
 
 Package metadata lives in pyproject.toml; this file only declares the extension, so both
 `pip install --no-build-isolation -e .` and `python setup.py build_ext --inplace` build it.
@@ -13,7 +14,7 @@ setup(
     ext_modules=[
         CppExtension(
             "models._C",
-            ["models/csrc/neighbors.cpp"],
+            ["models/csrc/neighbors.cpp", "models/csrc/fake_quant.cpp"],
             extra_compile_args=["-O3", "-g0", "-ffp-contract=off", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )

@@ -5,8 +5,10 @@ extension imports, and its pure-PyTorch reference otherwise: both give identical
 C++ repeats the reference's float arithmetic), the compiled ones several to tens of times
 faster on CPU (`python tools/bench_neighbors.py` prints both side by side). Likewise the
 grouping: `.group_points_quantized` (int8, bit-identical) and `.group_points` (float, inference
-only: no backward). The extension is optional: without it (no compiler, a CUDA-only install)
-everything still runs.
+only: no backward). The same library holds the forward of QAT's activation fake quant
+(`.fake_quant_cachemask`, torch's arithmetic vectorized, bit-identical; `qat/fx.py` calls it,
+`models/csrc/fake_quant.cpp` says why). The extension is optional: without it (no compiler, a
+CUDA-only install) everything still runs.
 
 Three switches, because the call sites differ:
 - eager Python (`use_kernels`): compiled whenever available, for CPU float32/float64 inputs,
@@ -30,7 +32,7 @@ from torch import Tensor
 
 # The ops this code calls. A library built from older sources (the code pulled, the extension not
 # rebuilt) lacks some: it is then not used at all, rather than failing at import or mid-model.
-OPS = ("furthest_point_sample", "ball_query", "group_points", "group_points_quantized")
+OPS = ("furthest_point_sample", "ball_query", "group_points", "group_points_quantized", "fake_quant_cachemask")
 
 try:
     from . import _C
@@ -135,6 +137,11 @@ if _C is not None:
     def _group_points_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
                            normalize_dp: bool) -> Tensor:
         return feats.new_empty((idx.shape[0], idx.shape[1], idx.shape[2], 3 + feats.shape[2]))
+
+    @torch.library.register_fake("kdqat_C::fake_quant_cachemask")
+    def _fake_quant_cachemask_fake(input: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
+                                   quant_max: int) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(input), torch.empty_like(input, dtype=torch.bool)
 
     @torch.library.register_fake("kdqat_C::group_points_quantized")
     def _group_points_quantized_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,
