@@ -15,6 +15,7 @@ setup(
         CppExtension(
             "models._C",
             ["models/csrc/neighbors.cpp", "models/csrc/fake_quant.cpp"],
+            depends=["models/csrc/vector_clones.h"],
             extra_compile_args=["-O3", "-g0", "-ffp-contract=off", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )

@@ -36,7 +36,7 @@ def calibrated(variant: str) -> torch.fx.GraphModule:
     Min-max calibrated on every cloud these tests feed it, so no activation leaves its 7-bit range:
     beyond it, int8 kernels on CPUs without AVX-512 VNNI (fbgemm's and oneDNN's alike) saturate
     each u8 x s8 pair sum at int16, and the int8 model no longer computes what its exact float
-    twin does (measured on an AVX2 CPU: up to 9 output steps apart on PointNeXt-B; 0 in range).
+    twin does (measured on an AVX2 CPU: up to 9 output steps apart on PointNeXt-B; 0-1 in range).
     """
     torch.manual_seed(0)
     model = create_model(variant, num_classes=6, width=8)

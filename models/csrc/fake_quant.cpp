@@ -20,18 +20,14 @@
 #include <cstdint>
 #include <tuple>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KDQAT_FQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KDQAT_FQ_CLONES
-#endif
+#include "vector_clones.h"
 
 namespace kdqat {
 namespace {
 
-KDQAT_FQ_CLONES
-void fake_quant_rows(const float* __restrict__ x, float* __restrict__ out, bool* __restrict__ mask, int64_t n, float scale, float inv_scale, float zero_point,
-                     float quant_min, float quant_max) {
+KDQAT_VECTOR_CLONES
+void fake_quant_rows(const float* __restrict__ x, float* __restrict__ out, bool* __restrict__ mask, int64_t n,
+                     float scale, float inv_scale, float zero_point, float quant_min, float quant_max) {
   for (int64_t i = 0; i < n; ++i) {
     // rint: nearbyint's result (round half to even in the default rounding mode), minus its promise
     // not to raise the inexact flag, which keeps the compiler from inlining it as one vector round
