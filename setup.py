@@ -1,4 +1,5 @@
-"""Builds the compiled CPU ops (neighbour search and grouping, the activation fake quant forward),
+"""Builds the compiled CPU ops (neighbour search and grouping; the activation fake quant forward and
+the conv+BN division backward of QAT),
 `models/csrc/*.cpp` → `models._C` (see `models/_kernels.py`).
 
 Package metadata lives in pyproject.toml; this file only declares the extension, so both
@@ -14,7 +15,7 @@ setup(
     ext_modules=[
         CppExtension(
             "models._C",
-            ["models/csrc/neighbors.cpp", "models/csrc/fake_quant.cpp"],
+            ["models/csrc/neighbors.cpp", "models/csrc/fake_quant.cpp", "models/csrc/bn_fold.cpp"],
             depends=["models/csrc/vector_clones.h"],
             extra_compile_args=["-O3", "-g0", "-ffp-contract=off", "-fopenmp"],
             extra_link_args=["-fopenmp"],

@@ -7,7 +7,8 @@ faster on CPU (`python tools/bench_neighbors.py` prints both side by side). Like
 grouping: `.group_points_quantized` (int8, bit-identical) and `.group_points` (float, inference
 only: no backward). The same library holds the forward of QAT's activation fake quant
 (`.fake_quant_cachemask`, torch's arithmetic vectorized, bit-identical; `qat/fx.py` calls it,
-`models/csrc/fake_quant.cpp` says why). The extension is optional: without it (no compiler, a
+`models/csrc/fake_quant.cpp` says why) and the backward of its conv+BN division
+(`.bn_fold_divide_backward`, likewise; `models/csrc/bn_fold.cpp`). The extension is optional: without it (no compiler, a
 CUDA-only install) everything still runs.
 
 Three switches, because the call sites differ:
@@ -32,7 +33,8 @@ from torch import Tensor
 
 # The ops this code calls. A library built from older sources (the code pulled, the extension not
 # rebuilt) lacks some: it is then not used at all, rather than failing at import or mid-model.
-OPS = ("furthest_point_sample", "ball_query", "group_points", "group_points_quantized", "fake_quant_cachemask")
+OPS = ("furthest_point_sample", "ball_query", "group_points", "group_points_quantized", "fake_quant_cachemask",
+       "bn_fold_divide_backward")
 
 try:
     from . import _C
@@ -142,6 +144,10 @@ if _C is not None:
     def _fake_quant_cachemask_fake(input: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
                                    quant_max: int) -> tuple[Tensor, Tensor]:
         return torch.empty_like(input), torch.empty_like(input, dtype=torch.bool)
+
+    @torch.library.register_fake("kdqat_C::bn_fold_divide_backward")
+    def _bn_fold_divide_backward_fake(grad: Tensor, out: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(grad), torch.empty_like(grad)
 
     @torch.library.register_fake("kdqat_C::group_points_quantized")
     def _group_points_quantized_fake(support_xyz: Tensor, query_xyz: Tensor, feats: Tensor, idx: Tensor, radius: float,

@@ -31,7 +31,7 @@ from .backend import (
 )
 from .deploy import Deployed, deploy, load_deployed
 from .export import artifact_mode, file_size_mb, packed_size_mb, read_checked_sidecar, read_sidecar, sidecar_path
-from .fx import build_qconfig_mapping, int8_engine, preferred_int8_engine
+from .fx import build_qconfig_mapping, int8_engine, preferred_int8_engine, torch_ao_reference
 from .ptq import calibrate
 from .schedule import QuantSchedule, group_stages, stage_key
 from .spec import (
@@ -80,6 +80,7 @@ __all__ = [
     "load_int8",
     "int8_engine",
     "preferred_int8_engine",
+    "torch_ao_reference",
     "inference_runner",
     "read_sidecar",
     "read_checked_sidecar",

@@ -94,6 +94,7 @@ __all__ = [
     "build_qconfig_mapping",
     "prepare_qat",
     "fast_qat_numerics",
+    "torch_ao_reference",
     "prepare_ptq",
     "convert",
     "preferred_int8_engine",
@@ -366,7 +367,79 @@ def prepare_qat(model: nn.Module, spec: QConfigSpec, example_inputs: Any) -> Gra
         prepared = prepare_qat_fx(
             copy.deepcopy(model), mapping, _as_tuple(example_inputs), backend_config=_backend_config()
         )
-    return fast_qat_numerics(prepared) if spec.qat_numerics == "fast" else prepared
+    return fast_qat_numerics(prepared) if spec.qat_numerics == "fast" else _compiled_bn_fold_backward(prepared)
+
+
+def _compiled_bn_fold_backward(prepared: GraphModule) -> GraphModule:
+    """Gives every QAT conv+BN of `prepared` `_torch_bn_fold` as its forward (in place; returned):
+    torch.ao's arithmetic bit for bit, its division's backward in one compiled pass."""
+    for module in prepared.modules():
+        if isinstance(module, _ConvBnNd):
+            module._forward_approximate = types.MethodType(_torch_bn_fold, module)
+    return prepared
+
+
+def _torch_bn_fold(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """torch.ao's `_ConvBnNd._forward_approximate`, operation by operation, with its division
+    `conv / s` (s = γ / sqrt(running_var + ε) per output channel) through `_BnFoldDivide`."""
+    running_std = torch.sqrt(self.bn.running_var + self.bn.eps)
+    scale_factor = self.bn.weight / running_std
+    weight_shape = [-1] + [1] * (self.weight.dim() - 1)
+    bias_shape = [1, -1] + [1] * (self.weight.dim() - 2)
+    scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape(weight_shape))
+    # torch.ao convolves with a zero bias and adds the conv's own bias after the division
+    zero_bias = torch.zeros(self.out_channels, device=scaled_weight.device, dtype=input.dtype)
+    conv = _BnFoldDivide.apply(self._conv_forward(input, scaled_weight, zero_bias), scale_factor.reshape(bias_shape))
+    if self.bias is not None:
+        conv = conv + self.bias.reshape(bias_shape)
+    return self.bn(conv)
+
+
+class _BnFoldDivide(torch.autograd.Function):
+    """`conv / s` with autograd's derivative computed in one pass (`kdqat_C::bn_fold_divide_backward`).
+
+    Why: autograd differentiates the division in five passes over the activation (`grad / s`; for
+    s, `-grad * ((conv / s) / s)` as two divisions, a negation and a product), the largest item
+    of a default QAT step on an AVX2-only CPU (2.8 of 12.6 s in the profiler, PointNeXt-S width
+    32, batch 32). The kernel runs the same operations per element; s's gradient is then summed
+    by torch's `sum_to_size`, as autograd sums it, so whole QAT steps stay torch.ao's bits
+    (tests/test_qat_fake_quant_layout.py). It saves `conv / s` rather than `conv` (the same
+    `(conv / s) / s`), which BN keeps anyway. Without the kernel, torch's operations in Python.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, conv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = conv / scale
+        ctx.save_for_backward(out, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, scale = ctx.saved_tensors
+        if (_kernels.use_kernels(grad) and grad.dtype == out.dtype == scale.dtype == torch.float32
+                and grad.stride() == out.stride() and (grad.is_contiguous() or memory_order(grad) is not None)):
+            grad_conv, grad_scale = torch.ops.kdqat_C.bn_fold_divide_backward(grad, out, scale)
+        else:
+            grad_conv, grad_scale = grad / scale, -grad * (out / scale)
+        return grad_conv, grad_scale.sum_to_size(scale.shape)
+
+
+def torch_ao_reference(prepared: GraphModule) -> GraphModule:
+    """A copy of `prepared` on torch.ao's own modules: its conv+BN forward, its fused fake quant.
+
+    The default arithmetic (`qat_numerics=torch`) must train bit for bit as this copy does
+    (tests/test_qat_bn_fold_kernel.py), and `tools/benchmark.py` times both: the copy is what
+    the compiled kernels and the memory-order fake quant save. For comparison only: it drops
+    `qat_numerics=fast` too.
+    """
+    reference = copy.deepcopy(prepared)
+    for module in reference.modules():
+        if isinstance(module, _ConvBnNd):
+            vars(module).pop("_forward_approximate", None)  # the class's method again
+        if type(module) is MemoryOrderFusedFakeQuantize:
+            module.__class__ = FusedMovingAvgObsFakeQuantize
+            vars(module).pop("contiguous_grad", None)
+    return reference
 
 
 def _weight_side_bn_fold(self: nn.Module, input: torch.Tensor) -> torch.Tensor:

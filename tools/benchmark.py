@@ -430,7 +430,9 @@ def size_sweep(paths: dict[str, torch.nn.Module], cfg: DictConfig) -> dict[str, 
 
 def train_steps(cfg: DictConfig) -> dict[str, float]:
     """Median ms of one optimizer step: FP32, QAT (fake quant) and KD-QAT (teacher forward + QAT),
-    KD-QAT without and with the teacher's neighbour search shared with the student; interleaved."""
+    KD-QAT without and with the teacher's neighbour search shared with the student; for FX
+    backends also QAT on torch.ao's own modules (`qat.torch_ao_reference`: what our compiled
+    kernels save) and both with `qat_numerics=fast`; interleaved."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=cfg.bench.num_classes, width=cfg.model.width)
     xyz, feats = random_clouds(cfg.bench.train_batch, cfg.bench.points)
@@ -454,6 +456,8 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     variants = {"fp32": (model.train(), False, False, False), "qat": (prepared, False, False, False),
                 "kd_qat": (prepared, True, False, False), "kd_qat_shared": (prepared, True, True, False),
                 "kd_qat_folded": (prepared, True, True, True)}
+    if spec.backend in qat.FX_BACKENDS:  # torch.ao's own modules, which the default matches bit for bit
+        variants["qat_torch_ao"] = (qat.torch_ao_reference(prepared), False, False, False)
     if spec.backend in qat.FX_BACKENDS:  # the same steps with the fast QAT arithmetic (spec.qat_numerics)
         fast = qat.prepare_qat(copy.deepcopy(model).train(),
                                qat.QConfigSpec.from_dict({**spec.to_dict(), "qat_numerics": "fast"}), (xyz[:2], feats[:2]))
@@ -470,7 +474,7 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     out["kd_qat_shared_over_kd_qat"] = out["kd_qat_shared_ms"] / out["kd_qat_ms"]
     out["kd_qat_folded_over_fp32"] = out["kd_qat_folded_ms"] / out["fp32_ms"]
     out["kd_qat_folded_over_kd_qat_shared"] = out["kd_qat_folded_ms"] / out["kd_qat_shared_ms"]
-    for name in ("qat_fast", "kd_qat_fast"):
+    for name in ("qat_torch_ao", "qat_fast", "kd_qat_fast"):
         if f"{name}_ms" in out:
             out[f"{name}_over_fp32"] = out[f"{name}_ms"] / out["fp32_ms"]
     return out
@@ -600,6 +604,9 @@ def report(result: dict) -> None:
               f"{t['kd_qat_shared_ms']:.0f} ms ({t['kd_qat_shared_over_fp32']:.2f}x; "
               f"{t['kd_qat_shared_over_kd_qat']:.2f}x of KD-QAT), and with the teacher's BN folded too "
               f"{t['kd_qat_folded_ms']:.0f} ms ({t['kd_qat_folded_over_fp32']:.2f}x)")
+        if "qat_torch_ao_ms" in t:
+            print(f"  train step of QAT on torch.ao's own modules (the same bits as QAT above): "
+                  f"{t['qat_torch_ao_ms']:.0f} ms ({t['qat_torch_ao_over_fp32']:.2f}x)")
         if "kd_qat_fast_ms" in t:
             print(f"  train step with qat.qat_numerics=fast: QAT {t['qat_fast_ms']:.0f} ms "
                   f"({t['qat_fast_over_fp32']:.2f}x), KD-QAT as the tools run it "
