@@ -39,7 +39,7 @@ import torch.nn as nn
 from atomic_io import atomic_write
 from models import CheckpointError, _kernels
 
-from .fx import int8_engine, preferred_int8_engine
+from .fx import int8_engine, preferred_int8_engine, quantized_op_count
 from .spec import QConfigSpec
 
 __all__ = ["MODES", "artifact_mode", "export_int8", "load_int8", "load_kernels", "read_sidecar", "read_checked_sidecar",
@@ -157,8 +157,10 @@ def export_int8(model: nn.Module, path: str | Path, sidecar: dict[str, Any], mod
         library = path.with_name(f"{path.stem}_kdqat_C.so")
         atomic_write(library, lambda tmp: shutil.copyfile(_kernels.library_path(), tmp))
         extra = {"kernels": library.name, "load": f"torch.ops.load_library('{library.name}')"}
+    if quantized_op_count(model)["quantized"]:  # the engine its int8 weights were packed for (not the search alone)
+        extra["int8_engine"] = preferred_int8_engine()
     write_sidecar(path, {"artifact": path.name, "format": "torchscript", "size_mb": file_size_mb(path), **extra,
-                         "int8_engine": preferred_int8_engine(), **sidecar})
+                         **sidecar})
     return path
 
 

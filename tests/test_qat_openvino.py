@@ -19,6 +19,7 @@ import qat.fx
 from models import create_model
 from models._precomputed import NeighbourIndices, index_fed
 from qat import openvino as qov
+from qat.export import read_sidecar
 from test_qat_standin import one_thread  # noqa: F401 (autouse fixture)
 
 N = 128  # points per cloud
@@ -168,6 +169,8 @@ def test_openvino_ir_computes_the_torchscript_artifacts_int8_model(prepared, tmp
     assert names[:5] == ["model_int8_openvino.bin", "model_int8_openvino.json", "model_int8_openvino.xml",
                          "model_int8_openvino_search.json", "model_int8_openvino_search.pt"]
     assert names[5:] in ([], ["model_int8_openvino_search_kdqat_C.so"])  # the compiled ops, when built; no staging left
+    # the search holds no int8 weights, so no engine to pack them for (the TorchScript artifact's does: test_qat_deploy)
+    assert "int8_engine" not in read_sidecar(tmp_path / "model_int8_openvino_search.pt")
     runner = qov.OpenVinoRunner(path, threads=1)
     int8 = qat.convert(prepared)
     artifact = qat.load_int8(qat.export_int8(int8, tmp_path / "model_int8.pt", {}, None))
