@@ -462,8 +462,9 @@ def fast_qat_numerics(prepared: GraphModule) -> GraphModule:
     Every QAT conv+BN(+ReLU) gets `_weight_side_bn_fold` as its forward, bound per module, and
     every activation fake quant writes its masked gradient contiguously (`_FusedFakeQuant`).
     State dicts, conversion and checkpoints are unchanged; `copy.deepcopy` keeps both. Measured
-    on PointNeXt-S width 32, batch 32, 2 threads (docs/performance.md): QAT 1.08x and KD-QAT as
-    the tools run it 1.21x an FP32 step, against 1.69x and 1.88x with torch's arithmetic.
+    on PointNeXt-S width 32, batch 32, 2 threads, AVX2 EPYC (docs/performance.md, two runs): QAT
+    0.95-1.13x and KD-QAT as the tools run it 1.13-1.26x an FP32 step, against 1.22-1.33x and
+    1.45-1.68x with torch's arithmetic (its compiled kernels included).
     """
     for module in prepared.modules():
         if isinstance(module, _ConvBnNd):

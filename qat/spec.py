@@ -217,7 +217,7 @@ class QConfigSpec:
             quant's masked gradient is written contiguously instead of in the incoming
             gradient's layout (which made the next convolutions' backward copy): the same
             function and gradients in exact arithmetic, other float rounding, and a KD-QAT step
-            of 1.21x instead of 1.88x an FP32 step on PointNeXt-S (docs/performance.md). The
+            of 1.13-1.26x instead of 1.45-1.68x an FP32 step on PointNeXt-S (docs/performance.md). The
             converted int8 model does not depend on it.
     """
 
