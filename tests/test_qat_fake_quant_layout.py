@@ -16,8 +16,8 @@ import torch
 from torch.ao.quantization import FusedMovingAvgObsFakeQuantize
 
 import qat
-from models import create_model
 from qat.fx import MemoryOrderFusedFakeQuantize, memory_order
+from test_qat_bn_fold_kernel import batch, same_after_three_steps  # noqa: F401 (batch: a fixture)
 
 LAYOUTS = {
     "channels-last (grouped conv output)": lambda t: t.contiguous(memory_format=torch.channels_last),
@@ -88,25 +88,13 @@ def test_memory_order_makes_dense_tensors_contiguous_and_leaves_the_rest():
     assert memory_order(torch.randn(3, 1).expand(3, 4)) is None  # overlapping
 
 
-def test_qat_steps_of_pointnext_are_bit_identical_with_the_plain_fused_fake_quant():
+def test_qat_steps_of_pointnext_are_bit_identical_with_the_plain_fused_fake_quant(batch):
     """The whole student: forward, backward (autograd's order of accumulation included), AdamW."""
-    torch.manual_seed(0)
-    model = create_model("pointnext-s", num_classes=4, width=8)
-    xyz = torch.rand(4, 128, 3, generator=torch.Generator().manual_seed(1))
-    feats, label = xyz.transpose(1, 2).contiguous(), torch.tensor([0, 1, 2, 3])
-    ours = qat.prepare_qat(model.train(), qat.QConfigSpec(), (xyz[:2], feats[:2]))
+    model, xyz, feats, label = batch
+    ours = qat.prepare_qat(model, qat.QConfigSpec(), (xyz[:2], feats[:2]))
     assert any(type(m) is MemoryOrderFusedFakeQuantize for m in ours.modules())
     plain = copy.deepcopy(ours)
     for module in plain.modules():
         if type(module) is MemoryOrderFusedFakeQuantize:
             module.__class__ = FusedMovingAvgObsFakeQuantize
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, ours)]
-    for step in range(3):
-        for student, optimizer in zip((plain, ours), optimizers):
-            torch.manual_seed(step)  # dropout draws the same masks in both
-            loss = torch.nn.functional.cross_entropy(student(xyz, feats), label)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    for name, value in plain.state_dict().items():
-        assert torch.equal(value, ours.state_dict()[name]), name
+    assert same_after_three_steps(plain, ours, xyz, feats, label)
