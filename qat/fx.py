@@ -403,7 +403,7 @@ class _BnFoldDivide(torch.autograd.Function):
     of a default QAT step on an AVX2-only CPU (2.8 of 12.6 s in the profiler, PointNeXt-S width
     32, batch 32). The kernel runs the same operations per element; s's gradient is then summed
     by torch's `sum_to_size`, as autograd sums it, so whole QAT steps stay torch.ao's bits
-    (tests/test_qat_fake_quant_layout.py). It saves `conv / s` rather than `conv` (the same
+    (tests/test_qat_bn_fold_kernel.py). It saves `conv / s` rather than `conv` (the same
     `(conv / s) / s`), which BN keeps anyway. Without the kernel, torch's operations in Python.
     """
 

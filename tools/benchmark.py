@@ -21,8 +21,8 @@ as an OpenVINO IR (`qat/openvino.py`: the same qparams as the TorchScript artifa
 quantize/dequantize, head), sizes, peak memory and time against the number of points (each
 size in a fresh process, log-log slope fitted), and training-step time of FP32, QAT and KD-QAT
 (KD-QAT twice: teacher and student each searching neighbourhoods, and sharing one search under
-`models.neighbors.shared_neighborhoods`, as the training tools run it; QAT and KD-QAT again with
-`qat.qat_numerics=fast`).
+`models.neighbors.shared_neighborhoods`, as the training tools run it; QAT on torch.ao's own
+modules, which the default matches bit for bit; QAT and KD-QAT again with `qat.qat_numerics=fast`).
 Writes `benchmark.json` and `benchmark.png` into the run directory.
 """
 from __future__ import annotations
@@ -456,9 +456,9 @@ def train_steps(cfg: DictConfig) -> dict[str, float]:
     variants = {"fp32": (model.train(), False, False, False), "qat": (prepared, False, False, False),
                 "kd_qat": (prepared, True, False, False), "kd_qat_shared": (prepared, True, True, False),
                 "kd_qat_folded": (prepared, True, True, True)}
-    if spec.backend in qat.FX_BACKENDS:  # torch.ao's own modules, which the default matches bit for bit
+    if spec.backend in qat.FX_BACKENDS:
+        # torch.ao's own modules, which the default matches bit for bit, and the fast QAT arithmetic
         variants["qat_torch_ao"] = (qat.torch_ao_reference(prepared), False, False, False)
-    if spec.backend in qat.FX_BACKENDS:  # the same steps with the fast QAT arithmetic (spec.qat_numerics)
         fast = qat.prepare_qat(copy.deepcopy(model).train(),
                                qat.QConfigSpec.from_dict({**spec.to_dict(), "qat_numerics": "fast"}), (xyz[:2], feats[:2]))
         variants.update({"qat_fast": (fast, False, False, False), "kd_qat_fast": (fast, True, True, True)})
