@@ -32,7 +32,8 @@ def test_benchmark_writes_side_by_side_ratios(tmp_path):
     if os.environ.get("KDQAT_REQUIRE_KERNELS") == "1":
         assert result["artifact_mode"] == "kernels"
     assert "fps" in result["stages_ms"]["int8_batch_1"]
-    assert {"fp32_ms", "qat_ms", "kd_qat_ms", "kd_qat_shared_ms", "kd_qat_folded_ms"} <= result["train_step"].keys()
+    assert {"fp32_ms", "qat_ms", "kd_qat_ms", "kd_qat_shared_ms", "kd_qat_folded_ms", "qat_torch_ao_ms",
+            "qat_fast_ms", "kd_qat_fast_ms"} <= result["train_step"].keys()
     assert [r["points"] for r in result["sweep"]["points"]] == [64, 128]
     assert (tmp_path / "benchmark.png").is_file()
 
