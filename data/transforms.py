@@ -64,12 +64,14 @@ class AugmentConfig:
     rotation: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.scale_low <= self.scale_high:
-            raise DataError(f"dataset.augment: need 0 < scale_low <= scale_high, got "
+        # comparisons written so that NaN fails them; infinities are refused explicitly
+        if not (0 < self.scale_low <= self.scale_high and math.isfinite(self.scale_high)):
+            raise DataError(f"dataset.augment: need finite 0 < scale_low <= scale_high, got "
                             f"scale_low={self.scale_low}, scale_high={self.scale_high}; use 1.0 for both to disable scaling")
         for name in ("translate", "jitter_sigma", "jitter_clip"):
-            if getattr(self, name) < 0:
-                raise DataError(f"dataset.augment.{name}={getattr(self, name)} is negative; use 0 to disable it")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise DataError(f"dataset.augment.{name}={value} is not a finite number >= 0; use 0 to disable it")
         if not 0 <= self.rotation <= 1:
             raise DataError(f"dataset.augment.rotation={self.rotation} is outside [0, 1] "
                             "(units of pi, as OpenPoints' angle); use 0 to disable, 1 for any angle")

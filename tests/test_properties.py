@@ -4,13 +4,14 @@ Each property states what a boundary promises for *any* input: a valid result or
 error (`DataError`, one line naming the problem) and nothing else, no traceback from numpy,
 h5py or torch. Examples are few (max_examples small) so the file runs in seconds.
 """
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -53,12 +54,15 @@ def test_check_labels_returns_class_indices_or_raises_data_error(labels, classes
 @FAST
 @given(scale_low=WEIRD_FLOATS, scale_high=WEIRD_FLOATS, translate=WEIRD_FLOATS, jitter=WEIRD_FLOATS,
        rotation=WEIRD_FLOATS)
+@example(scale_low=1.0, scale_high=1.0, translate=float("nan"), jitter=0.0, rotation=0.0)  # once accepted
+@example(scale_low=1.0, scale_high=float("inf"), translate=0.0, jitter=float("inf"), rotation=0.0)
 def test_augment_config_accepts_only_usable_values(scale_low, scale_high, translate, jitter, rotation):
     try:
         cfg = AugmentConfig(scale_low, scale_high, translate, True, jitter, jitter, rotation)
     except DataError:
         return
     assert 0 < cfg.scale_low <= cfg.scale_high and cfg.translate >= 0 and 0 <= cfg.rotation <= 1
+    assert all(math.isfinite(v) for v in (cfg.scale_high, cfg.translate, cfg.jitter_sigma, cfg.jitter_clip))
 
 
 @FAST
